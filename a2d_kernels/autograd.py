@@ -1,0 +1,58 @@
+"""The autograd Function shared by every fused backend.
+
+It owns what is the same for all of them: unpacking per-layer tensors, the
+reduction, what is saved for backward, and turning the upstream gradient into the
+per-term scale the kernels read on the device.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import KernelBackend
+from .problem import A2DProblem
+
+
+class FusedA2DKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: KernelBackend, normalize: str, reduction: str, weight, bias,
+                key_valid, query_valid, n_student: int, *maps):
+        problem = A2DProblem(
+            student=tuple(maps[:n_student]), teacher=tuple(maps[n_student:]),
+            weight=weight, bias=bias, key_valid=key_valid, query_valid=query_valid,
+            normalize=normalize, reduction=reduction,
+        )
+        kl, saved = backend.forward(problem)
+        denom = problem.reduction_denominator()
+        # Inputs are alive anyway; ``saved`` holds only O(B*Ct*T) statistics.
+        ctx.save_for_backward(weight, bias, key_valid, query_valid, *maps, *saved)
+        ctx.backend = backend
+        ctx.meta = (normalize, reduction, n_student, len(maps))
+        ctx.denom = denom
+        return kl.sum() / denom
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        normalize, reduction, n_student, n_maps = ctx.meta
+        weight, bias, key_valid, query_valid, *rest = ctx.saved_tensors
+        maps, saved = rest[:n_maps], tuple(rest[n_maps:])
+        problem = A2DProblem(
+            student=tuple(maps[:n_student]), teacher=tuple(maps[n_student:]),
+            weight=weight, bias=bias, key_valid=key_valid, query_valid=query_valid,
+            normalize=normalize, reduction=reduction,
+        )
+        grad_scale = (grad_loss.to(torch.float32) / ctx.denom).reshape(())
+        need_student = any(ctx.needs_input_grad[8:8 + n_student])
+        d_student, d_weight, d_bias = ctx.backend.backward(problem, saved, grad_scale, need_student)
+        n_teacher = n_maps - n_student
+        return (None, None, None, d_weight, d_bias, None, None, None,
+                *d_student, *([None] * n_teacher))
+
+
+def fused_a2d_kl(backend: KernelBackend, problem: A2DProblem) -> torch.Tensor:
+    return FusedA2DKL.apply(
+        backend, problem.normalize, problem.reduction, problem.weight, problem.bias,
+        problem.key_valid, problem.query_valid, len(problem.student),
+        *problem.student, *problem.teacher,
+    )

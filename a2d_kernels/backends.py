@@ -1,0 +1,129 @@
+"""The one place that decides which implementation computes the loss.
+
+Fused backends (Triton, CUDA) live in ``a2d_kernels.ops`` and implement the small
+:class:`KernelBackend` contract; the autograd glue, the reduction and the dispatch
+are shared here and in ``autograd.py`` so each backend holds only its math.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from .problem import A2DProblem, BACKEND_NAMES
+
+# name -> module that defines ``BACKEND`` (imported lazily: a missing Triton or an
+# unbuilt CUDA extension must never break ``import a2d_kernels``).
+_KERNEL_MODULES = {
+    "triton": "a2d_kernels.ops.triton_a2d",
+    "cuda": "a2d_kernels.ops.cuda_a2d",
+}
+
+
+class KernelBackend(Protocol):
+    """What a fused backend provides. Shapes: B batch, Ct teacher channels, T queries.
+
+    ``forward(problem) -> (kl, saved)``: ``kl`` is the (B, Ct) fp32 tensor of summed KL
+    per (batch, teacher channel) (row mode: summed over the map's valid rows); ``saved``
+    a tuple of O(B*Ct*T) statistics for backward, never anything of size T*K.
+
+    ``backward(problem, saved, grad_scale, need_student_grad) -> (d_student, d_weight,
+    d_bias)``: ``grad_scale`` is a 0-dim fp32 device tensor, the gradient of the loss
+    with respect to every KL term (upstream gradient / reduction denominator); it is
+    read on the device, never with ``.item()``. ``d_student`` is a list with one tensor
+    per student layer (shape and dtype of that layer) or None entries when
+    ``need_student_grad`` is False; ``d_weight`` has the weight's shape and dtype,
+    ``d_bias`` the bias's (None when the problem has no bias).
+    """
+
+    name: str
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]: ...
+
+    def unsupported_reason(self, problem: A2DProblem) -> Optional[str]: ...
+
+    def forward(self, problem: A2DProblem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]: ...
+
+    def backward(
+        self,
+        problem: A2DProblem,
+        saved: Tuple[torch.Tensor, ...],
+        grad_scale: torch.Tensor,
+        need_student_grad: bool,
+    ) -> Tuple[List[Optional[torch.Tensor]], torch.Tensor, Optional[torch.Tensor]]: ...
+
+
+_loaded: Dict[str, Tuple[Optional[KernelBackend], Optional[str]]] = {}
+
+
+def _load(name: str) -> Tuple[Optional[KernelBackend], Optional[str]]:
+    """Import a kernel backend once; return (backend, None) or (None, why not)."""
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_KERNEL_MODULES[name])
+            _loaded[name] = (module.BACKEND, None)
+        except ImportError as exc:  # triton not installed, extension not built, ...
+            _loaded[name] = (None, f"cannot be imported: {exc}")
+    return _loaded[name]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _reason(name: str, device: torch.device) -> Optional[str]:
+    if name == "reference":
+        return None
+    backend, why = _load(name)
+    if backend is None:
+        return why
+    return backend.unavailable_reason(device)
+
+
+def backends(device: Optional[torch.device] = None) -> Dict[str, Dict[str, object]]:
+    """Which backends can run here: ``{name: {"available": bool, "reason": str}}``.
+
+    ``device`` defaults to the current CUDA device when there is one, else the CPU.
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    report = {}
+    for name in ("reference", *_KERNEL_MODULES):
+        why = _reason(name, device)
+        report[name] = {"available": why is None, "reason": why or "available"}
+    return report
+
+
+def auto_order(problem: A2DProblem) -> Sequence[str]:
+    """Fused backends ``backend="auto"`` tries, fastest first, before the reference.
+
+    On the CPU the Triton interpreter is far slower than the reference, so auto never
+    picks it there; on CUDA the CUDA extension goes first when it is built (see the
+    README's "Choosing a backend" for the measurements this order rests on).
+    """
+    if problem.device.type != "cuda":
+        return ()
+    return ("cuda", "triton")
+
+
+def select_backend(name: str, problem: A2DProblem) -> Optional[KernelBackend]:
+    """The fused backend to run, or None for the reference. Raises for a bad request."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if name == "reference":
+        return None
+    if name == "auto":
+        for candidate in auto_order(problem):
+            if _reason(candidate, problem.device) is None:
+                backend = _load(candidate)[0]
+                if backend.unsupported_reason(problem) is None:
+                    return backend
+        return None
+    why = _reason(name, problem.device)
+    if why is not None:
+        raise RuntimeError(f"backend={name!r} is not available on {problem.device}: {why}")
+    backend = _load(name)[0]
+    why = backend.unsupported_reason(problem)
+    if why is not None:
+        raise ValueError(f"backend={name!r} cannot compute this input: {why}")
+    return backend

@@ -1,0 +1,1 @@
+"""Fused kernel backends. Each module defines ``BACKEND`` (see ``backends.KernelBackend``)."""
