@@ -1,0 +1,593 @@
+"""Triton kernels of the QK-mode A2D loss (see ``a2d_kernels.qk`` for the definition).
+
+Notation: student heads ``Cs`` (queries ``(B, Cs, T, Ds)``, keys ``(B, Cs, K, Ds)``),
+teacher heads ``Ct`` (head dim ``Dt``), S/A the student/teacher probabilities, Z = W S + b
+the mixed student logits. Every kernel works on 3-D register tiles ``(heads, queries,
+keys)``: a batched ``tl.dot`` gives all heads' scores at once, and the mixing is one
+``(Ct, Cs) x (Cs, BLOCK_T*BLOCK_K)`` ``tl.dot``, so no kernel loops over channels.
+
+Forward (nothing of size T*K is written):
+  1. ``_row_lse_kernel``: per head and query row, the log-sum-exp of the visible
+     scores (flash-attention's row statistic), for the student and the teacher.
+  2. ``_forward_stats_kernel``: per (batch, query block, teacher-channel block), walks
+     every key block, rebuilds S and A from q, k and the row lse, mixes Z, and keeps
+     four per-row statistics (online lse of Z plus two sums, which depend on the mode).
+     The host folds them into the KL of every map: O(B*Ct*T) work in PyTorch.
+
+Backward, flash-attention style (dZ -> dS -> through the softmax -> dQ, dK):
+  3. ``_rowsum_kernel``: r = sum_k dS * S per student head and row, plus per-block
+     partials of dweight and dbias.
+  4. ``_dq_kernel`` (query-block major) and 5. ``_dk_kernel`` (key-block major):
+     dlogits = S * (dS - r); dQ = scale * dlogits K, dK = scale * dlogits^T Q.
+
+Determinism: no atomics anywhere. Every cross-program reduction (teacher-channel
+blocks, query blocks) goes through a partial buffer summed by PyTorch, so the same
+inputs give the same bits. The softmax backward is linear in dS, so each
+teacher-channel block can apply it to its own share of dS with its own share of r,
+and the shares simply add up.
+
+Numerics: scores, probabilities, mixing and every statistic are fp32 whatever the
+input dtype. fp32 inputs use IEEE fp32 dots (not TF32); bf16/fp16 inputs use the
+tensor-core dot with fp32 accumulation (products of two bf16 are exact in fp32).
+The interpreter cannot dot bf16, so there everything is upcast to fp32 first.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Statistic slots of the forward buffer (B, Ct, T, 4).
+_Z_MAX, _Z_SUM, _U, _V = 0, 1, 2, 3
+
+
+# ------------------------------------------------------------------ jit helpers
+
+@triton.jit
+def _load_heads(ptr, b, c, rows, stride_b, stride_c, stride_r, stride_d, C, R, D,
+                BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The (heads, rows, head dim) tile of a (B, C, R, D) tensor; zeros outside it."""
+    d = tl.arange(0, BLOCK_D)
+    ptrs = (ptr + b * stride_b + c[:, None, None] * stride_c + rows[None, :, None] * stride_r
+            + d[None, None, :] * stride_d)
+    mask = (c < C)[:, None, None] & (rows < R)[None, :, None] & (d < D)[None, None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _scores(q, k, DOT_FP32: tl.constexpr):
+    """q (C, BT, D) . k (C, BK, D) -> (C, BT, BK) fp32, one batched dot for all heads."""
+    if DOT_FP32:
+        return tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision="ieee")
+    return tl.dot(q, tl.trans(k, (0, 2, 1)))
+
+
+@triton.jit
+def _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK: tl.constexpr):
+    """(BK,) bool: key exists and is not padding."""
+    ok = k < K
+    if HAS_KEY_MASK:
+        ok = ok & (tl.load(key_valid_ptr + b * stride_kv_b + k, mask=k < K, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK: tl.constexpr):
+    """(BT,) bool: query exists and is not padding."""
+    ok = t < T
+    if HAS_QUERY_MASK:
+        ok = ok & (tl.load(query_valid_ptr + b * stride_qv_b + t, mask=t < T, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _visible(t, k, key_ok, T, CAUSAL: tl.constexpr):
+    """(BT, BK) bool: query t attends to key k."""
+    vis = (t < T)[:, None] & key_ok[None, :]
+    if CAUSAL:
+        vis = vis & (k[None, :] <= t[:, None])
+    return vis
+
+
+@triton.jit
+def _probs(scores, lse_ptr, b, c, t, stride_l_b, stride_l_c, C, T, scale, visible):
+    """Attention probabilities (C, BT, BK) fp32: exactly 0 where not visible.
+
+    Rows with no visible key have lse = +inf (and no visible entry), padded heads
+    read lse = +inf: both give 0 without a special case.
+    """
+    lse = tl.load(lse_ptr + b * stride_l_b + c[:, None] * stride_l_c + t[None, :],
+                  mask=(c < C)[:, None] & (t < T)[None, :], other=float("inf"))
+    return tl.where(visible[None, :, :], tl.exp(scores * scale - lse[:, :, None]), 0.0)
+
+
+@triton.jit
+def _load_weight(w_ptr, ct, cs, stride_w_t, stride_w_s, Ct, Cs):
+    """(CT_BLOCK, CS_PAD) fp32 slice of the mixing weight, zeros outside."""
+    mask = (ct < Ct)[:, None] & (cs < Cs)[None, :]
+    return tl.load(w_ptr + ct[:, None] * stride_w_t + cs[None, :] * stride_w_s, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mix(w, S, bias, CT_BLOCK: tl.constexpr, CS_PAD: tl.constexpr,
+         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Z = W S + b over a tile: (CT_BLOCK, CS_PAD) x (CS_PAD, BT, BK) -> (CT_BLOCK, BT, BK)."""
+    z = tl.dot(w, tl.reshape(S, (CS_PAD, BLOCK_T * BLOCK_K)), input_precision="ieee")
+    return tl.reshape(z, (CT_BLOCK, BLOCK_T, BLOCK_K)) + bias[:, None, None]
+
+
+@triton.jit
+def _unmix(w, dZ, CT_BLOCK: tl.constexpr, CS_PAD: tl.constexpr,
+           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dS = W^T dZ over a tile: (CS_PAD, BT, BK) fp32."""
+    ds = tl.dot(tl.trans(w), tl.reshape(dZ, (CT_BLOCK, BLOCK_T * BLOCK_K)), input_precision="ieee")
+    return tl.reshape(ds, (CS_PAD, BLOCK_T, BLOCK_K))
+
+
+# --------------------------------------------------------------- pass 1: row lse
+
+@triton.jit
+def _row_lse_kernel(
+    q_ptr, k_ptr, key_valid_ptr, lse_ptr,
+    stride_q_b, stride_q_c, stride_q_t, stride_q_d,
+    stride_k_b, stride_k_c, stride_k_k, stride_k_d,
+    stride_kv_b,
+    C, T, K, D, scale,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, C_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """lse[b, c, t] = log sum over visible keys of exp(scale * q.k); +inf for a row with none.
+
+    Grid: batch x query blocks x head blocks.
+    """
+    b = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(2) * C_BLOCK + tl.arange(0, C_BLOCK)
+    q = _load_heads(q_ptr, b, c, t, stride_q_b, stride_q_c, stride_q_t, stride_q_d, C, T, D, BLOCK_D, DOT_FP32)
+
+    # Running max starts finite so exp(m_old - m_new) is never inf - inf.
+    m = tl.full((C_BLOCK, BLOCK_T), -1e30, tl.float32)
+    s = tl.zeros((C_BLOCK, BLOCK_T), tl.float32)
+    k_end = K
+    if CAUSAL:  # keys past the block's last query are never visible
+        k_end = tl.minimum(K, (tl.program_id(1) + 1) * BLOCK_T)
+    for k0 in range(0, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kt = _load_heads(k_ptr, b, c, k, stride_k_b, stride_k_c, stride_k_k, stride_k_d, C, K, D, BLOCK_D, DOT_FP32)
+        vis = _visible(t, k, _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK), T, CAUSAL)
+        x = tl.where(vis[None, :, :], _scores(q, kt, DOT_FP32) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=2))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, :, None]), axis=2)
+        m = m_new
+    lse = tl.where(s > 0, m + tl.log(tl.where(s > 0, s, 1.0)), float("inf"))
+    tl.store(lse_ptr + (b * C + c[:, None]) * T + t[None, :], lse, mask=(c < C)[:, None] & (t < T)[None, :])
+
+
+# ------------------------------------------------------- pass 2: KL statistics
+
+@triton.jit
+def _forward_stats_kernel(
+    sq_ptr, sk_ptr, tq_ptr, tk_ptr, lse_s_ptr, lse_t_ptr, w_ptr, bias_ptr,
+    key_valid_ptr, query_valid_ptr, stats_ptr,
+    stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d,
+    stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d,
+    stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d,
+    stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d,
+    stride_w_t, stride_w_s, stride_kv_b, stride_qv_b,
+    Cs, Ct, T, K, Ds, Dt, scale_s, scale_t,
+    MAP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    HAS_QUERY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CS_PAD: tl.constexpr, CT_BLOCK: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """Per (b, teacher channel, query row) statistics over the row's loss entries.
+
+    Slots: Z_MAX, Z_SUM (online log-sum-exp of Z), then
+      map mode: U = sum exp(A), V = sum exp(A) * (A - Z)   (A is in [0, 1]: no shift needed)
+      row mode: U = sum A,      V = sum A * (log A - Z)    (terms with A = 0 are 0)
+    Loss entries: key not padded and query not padded. Causally hidden entries are
+    loss entries too (S = A = 0 there), so every key block is visited.
+    """
+    b = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ct = tl.program_id(2) * CT_BLOCK + tl.arange(0, CT_BLOCK)
+    cs = tl.arange(0, CS_PAD)
+    w = _load_weight(w_ptr, ct, cs, stride_w_t, stride_w_s, Ct, Cs)
+    bias = tl.zeros((CT_BLOCK,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + ct, mask=ct < Ct, other=0.0).to(tl.float32)
+    query_ok = _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
+    sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds, BLOCK_DS, DOT_FP32)
+    tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt, BLOCK_DT, DOT_FP32)
+
+    z_max = tl.full((CT_BLOCK, BLOCK_T), -1e30, tl.float32)
+    z_sum = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
+    u = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
+    v = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        key_ok = _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
+        vis = _visible(t, k, key_ok, T, CAUSAL)
+        in_loss = (query_ok[:, None] & key_ok[None, :])[None, :, :]
+
+        sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds, BLOCK_DS, DOT_FP32)
+        S = _probs(_scores(sq, sk, DOT_FP32), lse_s_ptr, b, cs, t, Cs * T, T, Cs, T, scale_s, vis)
+        tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt, BLOCK_DT, DOT_FP32)
+        A = _probs(_scores(tq, tk, DOT_FP32), lse_t_ptr, b, ct, t, Ct * T, T, Ct, T, scale_t, vis)
+        Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
+
+        z = tl.where(in_loss, Z, float("-inf"))
+        z_max_new = tl.maximum(z_max, tl.max(z, axis=2))
+        z_sum = z_sum * tl.exp(z_max - z_max_new) + tl.sum(tl.exp(z - z_max_new[:, :, None]), axis=2)
+        z_max = z_max_new
+        if MAP_MODE:
+            ea = tl.where(in_loss, tl.exp(A), 0.0)
+            u += tl.sum(ea, axis=2)
+            v += tl.sum(ea * (A - Z), axis=2)
+        else:
+            pos = in_loss & (A > 0)
+            u += tl.sum(tl.where(pos, A, 0.0), axis=2)
+            v += tl.sum(tl.where(pos, A * (tl.log(tl.where(pos, A, 1.0)) - Z), 0.0), axis=2)
+
+    base = stats_ptr + b * Ct * T * 4 + ct[:, None] * T * 4 + t[None, :] * 4
+    mask = (ct < Ct)[:, None] & (t < T)[None, :]
+    tl.store(base + 0, z_max, mask=mask)
+    tl.store(base + 1, z_sum, mask=mask)
+    tl.store(base + 2, u, mask=mask)
+    tl.store(base + 3, v, mask=mask)
+
+
+# ------------------------------------------------------------------- backward
+
+@triton.jit
+def _grad_z(Z, A, in_loss, shift_ptr, b, ct, t, grad_scale, Ct, T,
+            MAP_MODE: tl.constexpr):
+    """dZ (CT_BLOCK, BT, BK) on loss entries, 0 elsewhere.
+
+    ``shift_ptr`` holds (3, B, Ct, T) fp32 planes written by the host:
+      map mode: [lse of Z over the map, lse of A over the map, unused]
+      row mode: [lse of Z over the row, unused, P = sum of A over the row]
+    map: dZ = g * (exp(Z - lseZ) - exp(A - lseA));  row: dZ = g * (exp(Z - lseZ) * P - A).
+    """
+    plane = tl.num_programs(0) * Ct * T
+    offs = b * Ct * T + ct[:, None] * T + t[None, :]
+    mask = (ct < Ct)[:, None] & (t < T)[None, :]
+    z_shift = tl.load(shift_ptr + offs, mask=mask, other=0.0)
+    q = tl.exp(Z - z_shift[:, :, None])
+    if MAP_MODE:
+        a_shift = tl.load(shift_ptr + plane + offs, mask=mask, other=0.0)
+        d = q - tl.exp(A - a_shift[:, :, None])
+    else:
+        row_mass = tl.load(shift_ptr + 2 * plane + offs, mask=mask, other=0.0)
+        d = q * row_mass[:, :, None] - A
+    return tl.where(in_loss, grad_scale * d, 0.0)
+
+
+@triton.jit
+def _tile_grads(
+    sq, sk, tq, tk, w, bias, lse_s_ptr, lse_t_ptr, shift_ptr, b, t, k, ct, cs,
+    key_ok, query_ok, grad_scale, Cs, Ct, T, scale_s, scale_t,
+    MAP_MODE: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CS_PAD: tl.constexpr, CT_BLOCK: tl.constexpr,
+):
+    """Recompute one tile and return (S, dS, dZ): S, dS (CS_PAD, BT, BK), dZ (CT_BLOCK, BT, BK).
+
+    dS is this teacher-channel block's share, W[block]^T dZ[block].
+    """
+    vis = _visible(t, k, key_ok, T, CAUSAL)
+    in_loss = (query_ok[:, None] & key_ok[None, :])[None, :, :]
+    S = _probs(_scores(sq, sk, DOT_FP32), lse_s_ptr, b, cs, t, Cs * T, T, Cs, T, scale_s, vis)
+    A = _probs(_scores(tq, tk, DOT_FP32), lse_t_ptr, b, ct, t, Ct * T, T, Ct, T, scale_t, vis)
+    Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
+    dZ = _grad_z(Z, A, in_loss, shift_ptr, b, ct, t, grad_scale, Ct, T, MAP_MODE)
+    dS = _unmix(w, dZ, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
+    return S, dS, dZ
+
+
+@triton.jit
+def _backward_kernel(
+    sq_ptr, sk_ptr, tq_ptr, tk_ptr, lse_s_ptr, lse_t_ptr, w_ptr, bias_ptr,
+    key_valid_ptr, query_valid_ptr, shift_ptr, grad_scale_ptr,
+    rowsum_ptr, dw_ptr, db_ptr, dqk_ptr,
+    stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d,
+    stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d,
+    stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d,
+    stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d,
+    stride_w_t, stride_w_s, stride_kv_b, stride_qv_b,
+    Cs, Ct, T, K, Ds, Dt, scale_s, scale_t,
+    STAGE: tl.constexpr,
+    MAP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    HAS_QUERY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CS_PAD: tl.constexpr, CT_BLOCK: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """The three backward passes; STAGE picks one (they share every tile computation).
+
+    STAGE 0 (grid B x query blocks x Ct blocks): r = sum_k dS * S -> rowsum (nCtb, B, Cs, T);
+        dweight, dbias partials -> dw (B, nT, Ct, Cs), db (B, nT, Ct).
+    STAGE 1 (same grid): dQ partial -> dqk (nCtb, B, Cs, T, Ds), fp32, scale applied.
+    STAGE 2 (grid B x key blocks x Ct blocks): dK partial -> dqk (nCtb, B, Cs, K, Ds).
+    """
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
+    ctb = tl.program_id(2)
+    ct = ctb * CT_BLOCK + tl.arange(0, CT_BLOCK)
+    cs = tl.arange(0, CS_PAD)
+    w = _load_weight(w_ptr, ct, cs, stride_w_t, stride_w_s, Ct, Cs)
+    bias = tl.zeros((CT_BLOCK,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + ct, mask=ct < Ct, other=0.0).to(tl.float32)
+    grad_scale = tl.load(grad_scale_ptr)
+    rowsum_base = rowsum_ptr + ctb * tl.num_programs(0) * Cs * T + b * Cs * T
+
+    if STAGE < 2:  # query-block major: walk the key blocks
+        t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        query_ok = _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
+        sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds, BLOCK_DS, DOT_FP32)
+        tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt, BLOCK_DT, DOT_FP32)
+        rs_ptrs = rowsum_base + cs[:, None] * T + t[None, :]
+        rs_mask = (cs < Cs)[:, None] & (t < T)[None, :]
+        if STAGE == 0:
+            rowsum = tl.zeros((CS_PAD, BLOCK_T), tl.float32)
+            dw = tl.zeros((CT_BLOCK, CS_PAD), tl.float32)
+            db = tl.zeros((CT_BLOCK,), tl.float32)
+            k_end = K  # dbias needs every loss entry, causally hidden ones too
+        else:
+            rowsum = tl.load(rs_ptrs, mask=rs_mask, other=0.0)
+            dq = tl.zeros((CS_PAD, BLOCK_T, BLOCK_DS), tl.float32)
+            k_end = K
+            if CAUSAL:  # S = 0 past the diagonal: no dQ there
+                k_end = tl.minimum(K, (blk + 1) * BLOCK_T)
+        for k0 in range(0, k_end, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            key_ok = _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
+            sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds, BLOCK_DS, DOT_FP32)
+            tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt, BLOCK_DT, DOT_FP32)
+            S, dS, dZ = _tile_grads(sq, sk, tq, tk, w, bias, lse_s_ptr, lse_t_ptr, shift_ptr, b, t, k, ct, cs,
+                                    key_ok, query_ok, grad_scale, Cs, Ct, T, scale_s, scale_t,
+                                    MAP_MODE, CAUSAL, DOT_FP32, BLOCK_T, BLOCK_K, CS_PAD, CT_BLOCK)
+            if STAGE == 0:
+                rowsum += tl.sum(dS * S, axis=2)
+                dw += tl.dot(tl.reshape(dZ, (CT_BLOCK, BLOCK_T * BLOCK_K)),
+                             tl.trans(tl.reshape(S, (CS_PAD, BLOCK_T * BLOCK_K))), input_precision="ieee")
+                db += tl.sum(tl.sum(dZ, axis=2), axis=1)
+            else:
+                dlogits = S * (dS - rowsum[:, :, None])
+                if DOT_FP32:
+                    dq += tl.dot(dlogits, sk, input_precision="ieee")
+                else:
+                    dq += tl.dot(dlogits.to(sk.dtype), sk)
+        if STAGE == 0:
+            tl.store(rs_ptrs, rowsum, mask=rs_mask)
+            nT = tl.num_programs(1)
+            w_ptrs = dw_ptr + ((b * nT + blk) * Ct + ct[:, None]) * Cs + cs[None, :]
+            tl.store(w_ptrs, dw, mask=(ct < Ct)[:, None] & (cs < Cs)[None, :])
+            tl.store(db_ptr + (b * nT + blk) * Ct + ct, db, mask=ct < Ct)
+        else:
+            d = tl.arange(0, BLOCK_DS)
+            ptrs = (dqk_ptr + ((ctb * tl.num_programs(0) + b) * Cs + cs[:, None, None]) * T * Ds
+                    + t[None, :, None] * Ds + d[None, None, :])
+            mask = (cs < Cs)[:, None, None] & (t < T)[None, :, None] & (d < Ds)[None, None, :]
+            tl.store(ptrs, dq * scale_s, mask=mask)
+    else:  # key-block major: walk the query blocks
+        k = blk * BLOCK_K + tl.arange(0, BLOCK_K)
+        key_ok = _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
+        sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds, BLOCK_DS, DOT_FP32)
+        tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt, BLOCK_DT, DOT_FP32)
+        dk = tl.zeros((CS_PAD, BLOCK_K, BLOCK_DS), tl.float32)
+        t_start = 0
+        if CAUSAL:  # queries before the block's first key see none of it
+            t_start = (blk * BLOCK_K // BLOCK_T) * BLOCK_T
+        for t0 in range(t_start, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            query_ok = _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
+            sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds, BLOCK_DS, DOT_FP32)
+            tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt, BLOCK_DT, DOT_FP32)
+            S, dS, dZ = _tile_grads(sq, sk, tq, tk, w, bias, lse_s_ptr, lse_t_ptr, shift_ptr, b, t, k, ct, cs,
+                                    key_ok, query_ok, grad_scale, Cs, Ct, T, scale_s, scale_t,
+                                    MAP_MODE, CAUSAL, DOT_FP32, BLOCK_T, BLOCK_K, CS_PAD, CT_BLOCK)
+            rowsum = tl.load(rowsum_base + cs[:, None] * T + t[None, :],
+                             mask=(cs < Cs)[:, None] & (t < T)[None, :], other=0.0)
+            dlogits = tl.trans(S * (dS - rowsum[:, :, None]), (0, 2, 1))
+            if DOT_FP32:
+                dk += tl.dot(dlogits, sq, input_precision="ieee")
+            else:
+                dk += tl.dot(dlogits.to(sq.dtype), sq)
+        d = tl.arange(0, BLOCK_DS)
+        ptrs = (dqk_ptr + ((ctb * tl.num_programs(0) + b) * Cs + cs[:, None, None]) * K * Ds
+                + k[None, :, None] * Ds + d[None, None, :])
+        mask = (cs < Cs)[:, None, None] & (k < K)[None, :, None] & (d < Ds)[None, None, :]
+        tl.store(ptrs, dk * scale_s, mask=mask)
+
+
+# ------------------------------------------------------------------------ host
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+        return None
+    return f"the Triton QK kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU), got {device}"
+
+
+MAX_STUDENT_HEADS = 64
+MAX_HEAD_DIM = 256
+
+
+def unsupported_reason(problem) -> Optional[str]:
+    tensors = (problem.student_q, problem.teacher_q, problem.weight)
+    if any(t.dtype == torch.float64 for t in tensors):
+        return "float64 inputs are computed by backend='reference' only (the kernels accumulate in fp32)"
+    if problem.student_q.shape[1] > MAX_STUDENT_HEADS:
+        return (f"at most {MAX_STUDENT_HEADS} student heads in total (every tile holds all of them), "
+                f"got Cs={problem.student_q.shape[1]}")
+    for side, t in (("student", problem.student_q), ("teacher", problem.teacher_q)):
+        if t.shape[3] > MAX_HEAD_DIM:
+            return f"{side} head dim must be <= {MAX_HEAD_DIM}, got {t.shape[3]}"
+    return None
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    block_t: int
+    block_k: int
+    cs_pad: int
+    ct_block: int
+    block_ds: int
+    block_dt: int
+    dot_fp32: bool
+    num_warps: int
+
+
+def _tiles(problem) -> _Tiles:
+    """Tile shapes. On a GPU every dot dimension must be >= 16. In the interpreter
+    tiles are small so that small test shapes span several query, key and channel
+    blocks (exercising every cross-block reduction); there speed is irrelevant.
+    NOTE: the GPU sizes are first guesses, not tuned (no GPU was available)."""
+    Cs, Ds = problem.student_q.shape[1], problem.student_q.shape[3]
+    Ct, Dt = problem.teacher_q.shape[1], problem.teacher_q.shape[3]
+    dot_fp32 = _interpreting() or problem.student_q.dtype == torch.float32 or problem.teacher_q.dtype == torch.float32
+    p2 = triton.next_power_of_2
+    if _interpreting():
+        return _Tiles(8, 8, p2(Cs), min(p2(Ct), 4), p2(Ds), p2(Dt), dot_fp32, 4)
+    return _Tiles(16, 16, max(16, p2(Cs)), max(16, min(p2(Ct), 32)), max(16, p2(Ds)), max(16, p2(Dt)),
+                  dot_fp32, 4)
+
+
+def _flags(problem):
+    return dict(HAS_KEY_MASK=problem.key_valid is not None, CAUSAL=problem.causal)
+
+
+def _masks(problem, fallback: torch.Tensor):
+    """int8 copies of the validity masks (Triton loads them as bytes); ``fallback``
+    stands in as an unused pointer when a mask is absent."""
+    kv = problem.key_valid.to(torch.int8).contiguous() if problem.key_valid is not None else None
+    qv = problem.query_valid.to(torch.int8).contiguous() if problem.query_valid is not None else None
+    return (kv if kv is not None else fallback, kv.stride(0) if kv is not None else 0,
+            qv if qv is not None else fallback, qv.stride(0) if qv is not None else 0)
+
+
+def _row_lse(q, k, scale, problem, key_valid, stride_kv, tiles: _Tiles, c_block: int, block_d: int) -> torch.Tensor:
+    B, C, T, D = q.shape
+    K = k.shape[2]
+    lse = torch.empty(B, C, T, dtype=torch.float32, device=q.device)
+    grid = (B, triton.cdiv(T, tiles.block_t), triton.cdiv(C, c_block))
+    _row_lse_kernel[grid](
+        q, k, key_valid, lse, *q.stride(), *k.stride(), stride_kv, C, T, K, D, scale,
+        DOT_FP32=tiles.dot_fp32, BLOCK_T=tiles.block_t, BLOCK_K=tiles.block_k, C_BLOCK=c_block, BLOCK_D=block_d,
+        num_warps=tiles.num_warps, **_flags(problem),
+    )
+    return lse
+
+
+def _common_args(problem, lse_s, lse_t, key_valid, query_valid):
+    sq, sk, tq, tk, w = problem.student_q, problem.student_k, problem.teacher_q, problem.teacher_k, problem.weight
+    bias = problem.bias if problem.bias is not None else w
+    return (sq, sk, tq, tk, lse_s, lse_t, w, bias, key_valid, query_valid)
+
+
+def _common_strides(problem, stride_kv, stride_qv):
+    sq, sk, tq, tk, w = problem.student_q, problem.student_k, problem.teacher_q, problem.teacher_k, problem.weight
+    B, Cs, T, Ds = sq.shape
+    Ct, Dt = tq.shape[1], tq.shape[3]
+    K = sk.shape[2]
+    return (*sq.stride(), *sk.stride(), *tq.stride(), *tk.stride(), *w.stride(), stride_kv, stride_qv,
+            Cs, Ct, T, K, Ds, Dt, problem.student_scale, problem.teacher_scale)
+
+
+def _common_meta(problem, tiles: _Tiles):
+    return dict(
+        MAP_MODE=problem.normalize == "map", HAS_BIAS=problem.bias is not None,
+        HAS_QUERY_MASK=problem.query_valid is not None, DOT_FP32=tiles.dot_fp32,
+        BLOCK_T=tiles.block_t, BLOCK_K=tiles.block_k, CS_PAD=tiles.cs_pad, CT_BLOCK=tiles.ct_block,
+        BLOCK_DS=tiles.block_ds, BLOCK_DT=tiles.block_dt, num_warps=tiles.num_warps, **_flags(problem),
+    )
+
+
+def forward(problem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """(kl (B, Ct) fp32, saved): saved = (lse_s (B,Cs,T), lse_t (B,Ct,T), shifts (3,B,Ct,T))."""
+    sq, sk, tq, tk = problem.student_q, problem.student_k, problem.teacher_q, problem.teacher_k
+    B, Cs, T, _ = sq.shape
+    Ct = tq.shape[1]
+    tiles = _tiles(problem)
+    key_valid, stride_kv, query_valid, stride_qv = _masks(problem, sq)
+    lse_s = _row_lse(sq, sk, problem.student_scale, problem, key_valid, stride_kv, tiles, tiles.cs_pad, tiles.block_ds)
+    lse_t = _row_lse(tq, tk, problem.teacher_scale, problem, key_valid, stride_kv, tiles, tiles.ct_block, tiles.block_dt)
+
+    stats = torch.empty(B, Ct, T, 4, dtype=torch.float32, device=sq.device)
+    grid = (B, triton.cdiv(T, tiles.block_t), triton.cdiv(Ct, tiles.ct_block))
+    _forward_stats_kernel[grid](
+        *_common_args(problem, lse_s, lse_t, key_valid, query_valid), stats,
+        *_common_strides(problem, stride_kv, stride_qv), **_common_meta(problem, tiles),
+    )
+    kl, shifts = _fold_stats(stats, problem.normalize == "map")
+    return kl, (lse_s, lse_t, shifts)
+
+
+def _fold_stats(stats: torch.Tensor, map_mode: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row statistics -> KL per (b, c) and the shifts backward needs.
+
+    Rows and maps with no loss entry (all keys padded, query padded) have z_sum = 0
+    (and u = v = 0): they contribute 0 and get finite shifts, never NaN.
+    """
+    z_max, z_sum, u, v = stats.unbind(-1)
+    empty = z_sum <= 0
+    z_lse = torch.where(empty, 0.0, z_max + torch.log(torch.where(empty, 1.0, z_sum)))
+    if map_mode:
+        # One distribution per map: merge the rows' log-sum-exps and sums.
+        map_z_lse = torch.logsumexp(torch.where(empty, float("-inf"), z_lse), dim=-1)
+        mass, cross = u.sum(-1), v.sum(-1)  # sum exp(A), sum exp(A) (A - Z)
+        has = mass > 0
+        a_lse = torch.log(torch.where(has, mass, 1.0))
+        map_z_lse = torch.where(has, map_z_lse, 0.0)
+        kl = torch.where(has, cross / torch.where(has, mass, 1.0) - a_lse + map_z_lse, 0.0)
+        T = stats.shape[2]
+        shifts = torch.stack([map_z_lse[..., None].expand(-1, -1, T), a_lse[..., None].expand(-1, -1, T),
+                              torch.zeros_like(z_lse)])
+    else:
+        # Row KL = sum A (log A - Z) + (sum A) * lse(Z): u = sum A, v = sum A (log A - Z).
+        kl = torch.where(empty, 0.0, v + u * z_lse).sum(-1)
+        shifts = torch.stack([z_lse, torch.zeros_like(z_lse), u])
+    return kl, shifts.contiguous()
+
+
+def backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
+    """(dQ, dK, dweight, dbias) of the summed-KL-times-grad_scale; dQ, dK None unless need_qk."""
+    lse_s, lse_t, shifts = saved
+    sq, sk = problem.student_q, problem.student_k
+    B, Cs, T, Ds = sq.shape
+    K = sk.shape[2]
+    Ct = problem.teacher_q.shape[1]
+    tiles = _tiles(problem)
+    key_valid, stride_kv, query_valid, stride_qv = _masks(problem, sq)
+    nT, nK, nCtb = triton.cdiv(T, tiles.block_t), triton.cdiv(K, tiles.block_k), triton.cdiv(Ct, tiles.ct_block)
+    dev, f32 = sq.device, torch.float32
+
+    rowsum = torch.empty(nCtb, B, Cs, T, dtype=f32, device=dev)
+    dw = torch.empty(B, nT, Ct, Cs, dtype=f32, device=dev)
+    db = torch.empty(B, nT, Ct, dtype=f32, device=dev)
+    args = (*_common_args(problem, lse_s, lse_t, key_valid, query_valid), shifts,
+            grad_scale.to(device=dev, dtype=f32).reshape(1))
+    strides = _common_strides(problem, stride_kv, stride_qv)
+    meta = _common_meta(problem, tiles)
+
+    _backward_kernel[(B, nT, nCtb)](*args, rowsum, dw, db, dw, *strides, STAGE=0, **meta)
+    d_weight = dw.sum(dim=(0, 1)).to(problem.weight.dtype)
+    d_bias = db.sum(dim=(0, 1)).to(problem.bias.dtype) if problem.bias is not None else None
+    if not need_qk:
+        return None, None, d_weight, d_bias
+
+    dq = torch.empty(nCtb, B, Cs, T, Ds, dtype=f32, device=dev)
+    _backward_kernel[(B, nT, nCtb)](*args, rowsum, dw, db, dq, *strides, STAGE=1, **meta)
+    dk = torch.empty(nCtb, B, Cs, K, Ds, dtype=f32, device=dev)
+    _backward_kernel[(B, nK, nCtb)](*args, rowsum, dw, db, dk, *strides, STAGE=2, **meta)
+    return dq.sum(0).to(sq.dtype), dk.sum(0).to(sk.dtype), d_weight, d_bias
