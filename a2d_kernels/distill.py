@@ -121,18 +121,51 @@ class A2DDistiller(nn.Module):
     def forward_hf(self, student_outputs, teacher_outputs, epoch: int = 1,
                    attention_mask: Optional[torch.Tensor] = None,
                    decoder_attention_mask: Optional[torch.Tensor] = None) -> A2DOutput:
-        """Take Hugging Face seq2seq outputs (``output_attentions=True``) and the batch's
-        ``attention_mask`` / ``decoder_attention_mask`` (1 = keep, HF's convention)."""
+        """Take Hugging Face seq2seq outputs and the batch's ``attention_mask`` /
+        ``decoder_attention_mask`` (1 = keep, HF's convention; None masks nothing).
 
-        def maps(outputs):
-            return {"encoder": outputs.encoder_attentions, "decoder_self": outputs.decoder_attentions,
-                    "decoder_cross": outputs.cross_attentions}
+        Both models must be called with ``output_attentions=True`` and built with
+        ``attn_implementation="eager"``: SDPA and flash attention return no maps.
+        See ``examples/README.md`` for the whole training step.
+        """
 
         return self(
-            maps(student_outputs), maps(teacher_outputs), epoch=epoch,
+            _hf_maps("student_outputs", student_outputs, self.kinds),
+            _hf_maps("teacher_outputs", teacher_outputs, self.kinds), epoch=epoch,
             src_padding_mask=None if attention_mask is None else attention_mask == 0,
             tgt_padding_mask=None if decoder_attention_mask is None else decoder_attention_mask == 0,
         )
+
+
+# Where a Hugging Face seq2seq output (Seq2SeqLMOutput, Seq2SeqModelOutput) keeps each kind.
+_HF_FIELDS = {"encoder": "encoder_attentions", "decoder_self": "decoder_attentions",
+              "decoder_cross": "cross_attentions"}
+
+
+def _hf_maps(name: str, outputs, kinds: Sequence[str]) -> Dict[str, Sequence[torch.Tensor]]:
+    """The per-layer maps of ``kinds`` from a Hugging Face output, or a clear error.
+
+    Models running SDPA or flash attention return no maps at all (``None``, or an empty
+    tuple in recent ``transformers``), which would otherwise surface as a confusing
+    shape error deep inside the loss.
+    """
+    maps = {}
+    for kind in kinds:
+        field = _HF_FIELDS[kind]
+        if not hasattr(outputs, field):
+            raise TypeError(
+                f"{name} has no {field!r}: pass the model's output object (a ModelOutput such as "
+                f"Seq2SeqLMOutput, not return_dict=False tuples), got {type(outputs).__name__}"
+            )
+        layers = getattr(outputs, field)
+        if not layers:
+            raise ValueError(
+                f"{name}.{field} is {layers!r}: call the model with output_attentions=True, and "
+                "load it with attn_implementation=\"eager\" (SDPA and flash attention return "
+                "no attention maps)"
+            )
+        maps[kind] = layers
+    return maps
 
 
 def _hf_heads(config) -> Dict[str, list]:
