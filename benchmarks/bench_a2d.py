@@ -204,26 +204,32 @@ def run_isolated(cfg: argparse.Namespace, argv: List[str], out_dir: Path) -> dic
     same process; in its own process it costs only its own rows.
     """
     names = cfg.contenders.split(",")
-    budget_each = (cfg.budget_s / len(names)) if cfg.budget_s else None
+    # compiled spends its first calls compiling: it gets a larger share of the budget.
+    weights = {n: (1.5 if n == "compiled" else 1.0) for n in names}
+    deadline = time.time() + cfg.budget_s if cfg.budget_s else None
     parts = []
-    for name in names:
+    for i, name in enumerate(names):
         part_dir = out_dir / "parts" / name
         part_dir.mkdir(parents=True, exist_ok=True)
         args = _strip_args(argv, {"--contenders", "--out", "--budget-s"}, {"--isolate", "--no-plots"})
-        args += ["--contenders", name, "--out", str(part_dir), "--no-plots", "--table", "none"]
-        if budget_each:
-            # compiled spends its first calls compiling: it gets a larger share
-            share = budget_each * (1.5 if name == "compiled" else 1.0)
+        args += ["--contenders", name, "--out", str(part_dir), "--no-plots", "--table", "none", "--quiet"]
+        timeout = None
+        if deadline is not None:
+            # Shares are recomputed as contenders finish: one that is unavailable
+            # exits at once and leaves its time to the others.
+            left = max(0.0, deadline - time.time())
+            share = left * weights[name] / sum(weights[n] for n in names[i:])
             args += ["--budget-s", f"{share:.0f}"]
+            timeout = share + 90  # the case running at the budget's end may finish
         cmd = [sys.executable, str(Path(__file__).resolve()), *args]
         print(f"[isolate] {name}: {' '.join(cmd[1:])}", flush=True)
-        timeout = (budget_each * 1.5 + 180) if budget_each else None
         status = None
         try:
             proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
             tail = (proc.stdout + proc.stderr)[-1500:]
             if proc.returncode != 0:
-                status = f"error: process exited with {proc.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"[:240]
+                last = tail.strip().splitlines()[-1] if tail.strip() else ""
+                status = f"error: process exited with {proc.returncode}: {last}"[:240]
                 print(f"[isolate] {name} failed (rc={proc.returncode}):\n{tail}", flush=True)
         except subprocess.TimeoutExpired:
             status = f"error: process timed out after {timeout:.0f}s"
@@ -321,9 +327,8 @@ def finish(results: dict, out_dir: Path, cfg: argparse.Namespace) -> dict:
     if cfg.table == "full":
         print(table)
     elif cfg.table == "summary":
-        print(report.markdown_table(
-            [r for r in results["records"] if r["shape"]["name"] in ("iwslt", "wmt", "long")],
-            phases=["forward+backward"]))
+        realistic = [r for r in results["records"] if r["shape"]["name"] in ("iwslt", "wmt", "long")]
+        print(report.compact_summary(realistic or results["records"]))
     print()
     print(_header(meta))
     for line in report.target_lines(results["records"]):
@@ -375,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="run the selected contenders on the CPU too (debugging the benchmark; slow)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<date>-<device>/)")
-    p.add_argument("--table", choices=("full", "summary", "none"), default="full")
+    p.add_argument("--table", choices=("full", "summary", "none"), default="full",
+                   help="stdout: every row, a compact forward+backward summary, or none")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no per-measurement progress lines")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing contenders")

@@ -121,3 +121,34 @@ def target_lines(records: List[dict], shapes: Iterable[str] = ("iwslt", "wmt", "
             lines.append(f"{name}: {len(failed)} forward+backward configs did not run: "
                          + "; ".join(sorted({r['status'] for r in failed}))[:300])
     return lines
+
+
+def compact_summary(records: List[dict], phase: str = "forward+backward") -> str:
+    """One line per (shape, mode, dtype) of ``phase``: each contender's median, and for
+    the others their speedup over eager, time over the byte floor and memory vs eager."""
+    rows: Dict[Tuple, Dict[str, dict]] = {}
+    names: List[str] = []
+    for r in records:
+        if r["phase"] != phase:
+            continue
+        rows.setdefault((r["shape"]["name"], r["mode"], r["dtype"]), {})[r["contender"]] = r
+        if r["contender"] not in names:
+            names.append(r["contender"])
+    header = f"{phase}: median ms [x eager, x floor, extra memory / eager's]"
+    lines = [header, "| shape | mode | dtype | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for (shape, mode, dtype), by_name in rows.items():
+        cells = []
+        for n in names:
+            r = by_name.get(n)
+            if r is None:
+                cells.append("-")
+            elif r.get("status") != "ok":
+                cells.append(str(r.get("status"))[:40])
+            elif n == "eager":
+                cells.append(f"{r['median_ms']:.3f} [{_fmt(r.get('x_floor'), '.1f')}]")
+            else:
+                cells.append(f"{r['median_ms']:.3f} [{_fmt(r.get('x_eager'), '.1f')}x, "
+                             f"{_fmt(r.get('x_floor'), '.2f')}, {_fmt(r.get('memory_vs_eager'), '.3f')}]")
+        lines.append(f"| {shape} | {mode} | {dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
