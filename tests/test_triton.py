@@ -1,0 +1,283 @@
+"""Triton backend vs the pure-PyTorch reference (float64), loss and every gradient.
+
+Runs on the CPU through the Triton interpreter (conftest sets TRITON_INTERPRET=1
+when there is no GPU), so shapes are small; they are chosen to hit the edges: channel
+counts that are not powers of two, T = 1, K = 1, T * K not a multiple of the tile,
+unequal heads per layer, several chunks per map, several key blocks per row.
+
+Every kernel output is allocated NaN-filled here (``POISON_OUTPUTS``), so an element
+a kernel forgets to write fails the comparison instead of passing as stale memory.
+"""
+import pytest
+import torch
+
+from a2d_kernels import A2DLoss, a2d_kl, make_problem
+
+triton_a2d = pytest.importorskip("a2d_kernels.ops.triton_a2d")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOL = 1e-5
+LOW_PRECISION_TOL = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(triton_a2d, "POISON_OUTPUTS", True)
+
+
+def attention(B, H, T, K, dtype=torch.float32, sharpness=1.0):
+    """Random attention probabilities: softmax over keys. With a single key that
+    would be all ones, and every map identical: the loss and its gradient would be
+    exactly 0 and only rounding noise could be compared, so K = 1 gets random
+    values in (0, 1) instead (logits in map mode, unnormalized p in row mode)."""
+    if K == 1:
+        return torch.rand(B, H, T, K, dtype=torch.float64).to(dtype).to(DEVICE)
+    logits = torch.randn(B, H, T, K, dtype=torch.float64) * sharpness
+    return torch.softmax(logits, dim=-1).to(dtype).to(DEVICE)
+
+
+def make_case(B=2, T=5, K=20, student_heads=(3, 2), teacher_heads=(4, 3), dtype=torch.float32,
+              weight_scale=1.0, bias=True):
+    Cs, Ct = sum(student_heads), sum(teacher_heads)
+    student = [attention(B, h, T, K, dtype).requires_grad_() for h in student_heads]
+    teacher = [attention(B, h, T, K, dtype) for h in teacher_heads]
+    weight = (torch.randn(Ct, Cs, device=DEVICE) * weight_scale / Cs ** 0.5).requires_grad_()
+    b = (torch.randn(Ct, device=DEVICE) * 0.1).requires_grad_() if bias else None
+    return student, teacher, weight, b
+
+
+def make_masks(B, T, K, which):
+    """Padding masks (True = excluded) with ragged lengths; batch element 0 of a key
+    mask has every key padded, so a fully masked map/row is covered too.
+
+    Other rows keep over half their keys: with few keys left, a row's p (not
+    renormalized) has little mass and its "KL" turns into a cancellation of terms
+    that no fp32 method resolves to 1e-5 of the (tiny) result."""
+    key_mask = query_mask = None
+    if which in ("key", "both"):
+        lengths = torch.randint(K // 2 + 1, K + 1, (B,))
+        key_mask = torch.arange(K)[None, :] >= lengths[:, None]
+        if B > 1:
+            key_mask[0] = True
+        key_mask = key_mask.to(DEVICE)
+    if which in ("query", "both"):
+        lengths = torch.randint(1, T + 1, (B,))
+        query_mask = (torch.arange(T)[None, :] >= lengths[:, None]).to(DEVICE)
+    return key_mask, query_mask
+
+
+def loss_and_grads(backend, student, teacher, weight, bias, grad_out=1.7, **kwargs):
+    loss = a2d_kl(student, teacher, weight, bias, backend=backend, **kwargs)
+    wrt = [t for t in (*student, weight, bias) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(loss, wrt, grad_outputs=torch.tensor(grad_out, dtype=loss.dtype,
+                                                                      device=loss.device))
+    return [loss, *grads]
+
+
+def as_float64(t):
+    if t is None:
+        return None
+    return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def check(student, teacher, weight, bias, tol=FP32_TOL, **kwargs):
+    """Triton (inputs as given) against the reference on the same inputs in float64."""
+    got = loss_and_grads("triton", student, teacher, weight, bias, **kwargs)
+    want = loss_and_grads("reference", [as_float64(s) for s in student],
+                          [as_float64(a) for a in teacher], as_float64(weight), as_float64(bias),
+                          **kwargs)
+    names = ["loss", *[f"d_student[{i}]" for i, s in enumerate(student) if s.requires_grad]]
+    names += ["d_weight"] if weight.requires_grad else []
+    names += ["d_bias"] if bias is not None and bias.requires_grad else []
+    assert got[0].dtype == torch.float32
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape, name
+        assert not torch.isnan(g).any(), f"{name} has NaN (an unwritten output element?)"
+        if name == "d_bias":
+            # Both softmaxes are shift invariant: the exact bias gradient is 0.
+            assert torch.all(g == 0), name
+            assert w.abs().max().item() < 1e-9, name
+            continue
+        if w.norm() < 1e-12:
+            # Exactly 0 (e.g. a one-entry map, whose KL is 0 for any logits): the
+            # kernel's result is a difference of O(1) terms, so compare absolutely.
+            assert g.abs().max().item() < 1e-6, name
+            continue
+        err = rel_err(g, w)
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol:g}"
+    return got
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+@pytest.mark.parametrize("masks", ["none", "key", "query", "both"])
+def test_matches_reference_with_masks(normalize, masks):
+    B, T, K = 3, 6, 20
+    student, teacher, weight, bias = make_case(B, T, K)
+    key_mask, query_mask = make_masks(B, T, K, masks)
+    check(student, teacher, weight, bias, normalize=normalize, reduction="mean",
+          key_padding_mask=key_mask, query_mask=query_mask)
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+def test_reductions(normalize, reduction):
+    B, T, K = 2, 5, 9
+    student, teacher, weight, bias = make_case(B, T, K)
+    key_mask, query_mask = make_masks(B, T, K, "both")
+    check(student, teacher, weight, bias, normalize=normalize, reduction=reduction,
+          key_padding_mask=key_mask, query_mask=query_mask, grad_out=-0.3)
+
+
+AWKWARD_SHAPES = {
+    # B, T, K, student heads, teacher heads
+    "T=K=1": (2, 1, 1, (3,), (5,)),
+    "T=1": (2, 1, 37, (2, 3), (7,)),
+    "K=1": (2, 9, 1, (5,), (3, 3)),
+    "B=1,unequal-heads,ragged-tile": (1, 7, 33, (1, 4, 2), (6, 5)),
+    "channels-past-16": (2, 3, 5, (9, 8), (11, 11, 11)),
+    "many-layers": (1, 4, 6, (1,) * 12, (2,) * 7),
+}
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+@pytest.mark.parametrize("shape", list(AWKWARD_SHAPES), ids=list(AWKWARD_SHAPES))
+def test_awkward_shapes(normalize, shape):
+    B, T, K, sh, th = AWKWARD_SHAPES[shape]
+    student, teacher, weight, bias = make_case(B, T, K, sh, th)
+    check(student, teacher, weight, bias, normalize=normalize)
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+def test_far_from_teacher(normalize):
+    """A large mixing weight and sharp teacher maps: distributions far apart, which
+    takes the max-based branches (map mode delta and q - p) instead of expm1."""
+    torch.manual_seed(1)
+    B, T, K = 2, 4, 24
+    student = [attention(B, 3, T, K, sharpness=4.0).requires_grad_()]
+    teacher = [attention(B, 5, T, K, sharpness=6.0) * 40.0]  # logits, not probabilities
+    if normalize == "row":
+        teacher = [attention(B, 5, T, K, sharpness=6.0)]
+    weight = (torch.randn(5, 3, device=DEVICE) * 30.0).requires_grad_()
+    check(student, teacher, weight, None, normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("normalize", ["map", "row"])
+def test_low_precision_inputs(dtype, normalize):
+    B, T, K = 2, 5, 20
+    student, teacher, weight, bias = make_case(B, T, K, dtype=dtype)
+    key_mask, _ = make_masks(B, T, K, "key")
+    got = check(student, teacher, weight, bias, tol=LOW_PRECISION_TOL, normalize=normalize,
+                key_padding_mask=key_mask)
+    assert got[0].dtype == torch.float32
+    for s, g in zip(student, got[1:]):
+        assert g.dtype == dtype  # dS has the input dtype
+    assert got[len(student) + 1].dtype == weight.dtype
+
+
+def test_bf16_weight_gets_bf16_gradient():
+    student, teacher, weight, bias = make_case(dtype=torch.bfloat16)
+    weight = weight.detach().to(torch.bfloat16).requires_grad_()
+    got = check(student, teacher, weight, bias, tol=LOW_PRECISION_TOL, normalize="row")
+    assert got[len(student) + 1].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+def test_non_contiguous_inputs(normalize):
+    B, T, K = 2, 5, 11
+    # (B, T, H, K) memory viewed as (B, H, T, K); a key slice of a wider map; a
+    # strided head slice; a transposed weight.
+    s0 = attention(B, T, 3, K).permute(0, 2, 1, 3).detach().requires_grad_()
+    wide = torch.zeros(B, 2, T, K + 7, device=DEVICE)
+    wide[..., :K] = attention(B, 2, T, K)
+    s1 = wide[..., :K].requires_grad_()
+    a0 = attention(B, 8, T, K)[:, ::2]
+    a1 = attention(B, 3, T, K).transpose(2, 3).contiguous().transpose(2, 3)
+    weight = torch.randn(5, 7, device=DEVICE).t().detach().requires_grad_()
+    assert not any(t.is_contiguous() for t in (s0, s1, a0, a1, weight))
+    key_mask, query_mask = make_masks(B, T, K, "both")
+    got = check([s0, s1], [a0, a1], weight, None, normalize=normalize,
+                key_padding_mask=key_mask, query_mask=query_mask)
+    assert got[1].stride() == s0.stride()  # dS keeps the layer's layout
+
+
+def test_student_without_gradient():
+    student, teacher, weight, bias = make_case()
+    student = [s.detach() for s in student]
+    check(student, teacher, weight, bias, normalize="row")
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+def test_deterministic_bits(normalize):
+    B, T, K = 2, 9, 20
+    student, teacher, weight, bias = make_case(B, T, K)
+    key_mask, query_mask = make_masks(B, T, K, "both")
+    runs = [loss_and_grads("triton", student, teacher, weight, bias, normalize=normalize,
+                           key_padding_mask=key_mask, query_mask=query_mask) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+def test_saves_nothing_of_size_t_times_k(normalize):
+    B, T, K = 2, 6, 40
+    student, teacher, weight, bias = make_case(B, T, K)
+    key_mask, query_mask = make_masks(B, T, K, "both")
+    inputs = [*student, *teacher, weight, bias]
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = a2d_kl(student, teacher, weight, bias, normalize=normalize, backend="triton",
+                      key_padding_mask=key_mask, query_mask=query_mask)
+    loss.backward()
+    extra = [t for t in saved if t.untyped_storage().data_ptr() not in input_storages]
+    Ct = weight.shape[0]
+    assert extra, "expected the kernel's statistics to be saved"
+    for t in extra:
+        # O(B * Ct * T) statistics and O(B * T or K) masks at most.
+        assert t.numel() <= 2 * B * Ct * T, f"saved {tuple(t.shape)}"
+        assert t.numel() < B * T * K
+
+
+def test_poisoned_outputs_are_nan():
+    """The poisoning the other tests rely on really fills outputs with NaN."""
+    out = triton_a2d._new_output((3,), torch.float32, DEVICE)
+    assert torch.isnan(out).all()
+    assert torch.isnan(triton_a2d._new_output_like(torch.zeros(2, 2, dtype=torch.bfloat16))).all()
+
+
+def test_module_uses_triton():
+    loss_fn = A2DLoss([3, 2], [4, 3], normalize="row", backend="triton").to(DEVICE)
+    student, teacher, _, _ = make_case()
+    loss = loss_fn(student, teacher)
+    ref = a2d_kl(student, teacher, loss_fn.weight, loss_fn.bias, normalize="row", backend="reference")
+    assert abs(loss.item() - ref.item()) <= FP32_TOL * abs(ref.item())
+    loss.backward()
+    assert loss_fn.weight.grad is not None
+
+
+def test_tile_plan_fits_dot_and_covers_rows():
+    problem = make_problem(*make_case(B=3, T=13, K=3)[:3], None)
+    plan = triton_a2d.plan_tiles(problem, backward=True)
+    assert plan.block_t * plan.block_k >= 16 and plan.cs_pad >= 16 and plan.ct_pad >= 16
+    assert plan.rows_per_chunk % plan.block_t == 0
+    assert (plan.n_chunks - 1) * plan.rows_per_chunk < 13 <= plan.n_chunks * plan.rows_per_chunk
+
+
+def test_unsupported_inputs_are_explained():
+    student, teacher, weight, bias = make_case()
+    with pytest.raises(ValueError, match="float64"):
+        a2d_kl([s.double() for s in student], teacher, weight, bias, backend="triton")
+    big = make_problem(attention(1, triton_a2d.MAX_CHANNELS + 1, 2, 2), attention(1, 2, 2, 2),
+                       torch.zeros(2, triton_a2d.MAX_CHANNELS + 1, device=DEVICE), None)
+    assert "student channels" in triton_a2d.BACKEND.unsupported_reason(big)
+    assert triton_a2d.BACKEND.unavailable_reason(torch.device(DEVICE)) is None
