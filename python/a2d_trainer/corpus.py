@@ -53,16 +53,16 @@ import site
 import struct
 import sys
 import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from .atomic import write_text
 
 __all__ = [
-    "CorpusError",
-    "CatalogError",
-    "CorpusInfo",
     "SPLITS",
+    "CatalogError",
+    "CorpusError",
+    "CorpusInfo",
     "build_corpus",
     "clean_message",
     "clean_pair",
@@ -154,14 +154,17 @@ def read_mo(path: str | os.PathLike) -> tuple[list[tuple[str, str]], collections
 
     entries = []
     for msgid, msgstr in raw:
-        try:
-            # msgids are ASCII/UTF-8 English by convention; only msgstr uses the header charset.
-            entries.append((msgid.decode("utf-8"), msgstr.decode(charset)))
-        except UnicodeDecodeError as err:
-            raise CatalogError(
-                f"{path}: entry {msgid[:40]!r} is not valid {charset} "
-                f"(the charset its header declares): {err.reason}") from None
+        # msgids are ASCII/UTF-8 English by convention; msgstrs use the header's charset.
+        entries.append((_decode(msgid, "utf-8", "msgid", msgid, path),
+                        _decode(msgstr, charset, "translation of", msgid, path)))
     return entries, skipped
+
+
+def _decode(text: bytes, charset: str, what: str, msgid: bytes, path: Path) -> str:
+    try:
+        return text.decode(charset)
+    except UnicodeDecodeError as err:
+        raise CatalogError(f"{path}: {what} {msgid[:40]!r} is not valid {charset}: {err.reason}") from None
 
 
 def _header_charset(header: bytes, path: Path) -> str:
@@ -500,7 +503,7 @@ def _read_lines(path: Path, side: str) -> list[str]:
     lines = []
     for number, line in enumerate(raw, start=1):
         try:
-            text = line.decode("utf-8")
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")  # tolerate a BOM
         except UnicodeDecodeError as err:
             raise CorpusError(
                 f"{path}:{number}: invalid UTF-8 ({err.reason} at byte {err.start} of the line)") from None

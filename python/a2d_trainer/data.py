@@ -17,16 +17,23 @@ import dataclasses
 import io
 import os
 import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
 from .atomic import atomic_path
 
 __all__ = [
-    "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID",
-    "Batch", "Tokenizer", "batches_by_tokens", "collate", "encode_pairs",
+    "BOS_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "UNK_ID",
+    "Batch",
+    "Tokenizer",
+    "batches_by_tokens",
+    "collate",
+    "encode_pairs",
 ]
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -47,7 +54,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], prefix: str | os.PathLike, vocab_size: int, *,
               model_type: str = "unigram", character_coverage: float = 1.0,
-              seed: int = 0) -> "Tokenizer":
+              seed: int = 0) -> Tokenizer:
         """Train on ``texts`` (both sides of the train split) and save ``<prefix>.model``.
 
         Deterministic: one thread, every sentence used (no sampling or shuffling of the input),
@@ -62,7 +69,7 @@ class Tokenizer:
 
         if not isinstance(vocab_size, int) or vocab_size < 8:
             raise ValueError(f"vocab_size must be an int >= 8, got {vocab_size!r}")
-        sentences = [t for t in texts]
+        sentences = list(texts)
         bad = next((i for i, t in enumerate(sentences) if not isinstance(t, str) or not t.strip()), None)
         if not sentences or bad is not None:
             got = "no texts" if not sentences else f"text {bad} = {sentences[bad]!r}"
@@ -85,7 +92,7 @@ class Tokenizer:
         return cls.load(path)
 
     @classmethod
-    def load(cls, model_path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, model_path: str | os.PathLike) -> Tokenizer:
         import sentencepiece as spm
 
         model_path = Path(model_path)
@@ -124,10 +131,10 @@ class Batch:
     def nsentences(self) -> int:
         return self.src.shape[0]
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(move(self.src), move(self.tgt_in), move(self.tgt_out),
-                     move(self.src_padding_mask), move(self.tgt_padding_mask), self.ntokens)
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        tensors = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                   for f in dataclasses.fields(self) if f.name != "ntokens"}
+        return Batch(**tensors, ntokens=self.ntokens)
 
 
 def _padded(rows: list[list[int]], pad_id: int) -> torch.Tensor:
