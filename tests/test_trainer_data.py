@@ -484,6 +484,19 @@ def test_batches_shard_across_ranks(world_size):
             assert torch.equal(shards[r][step].tgt_out, expected.tgt_out)
 
 
+def test_unequal_shards_deal_every_batch_for_evaluation():
+    encoded = random_encoded(200, seed=2)
+    global_batches = batches_by_tokens(encoded, 100, False, seed=0, epoch=1)
+    world_size = next(w for w in (3, 4, 5, 7) if len(global_batches) % w)  # equal shards would drop
+    shards = [batches_by_tokens(encoded, 100, False, seed=0, epoch=1, rank=r, world_size=world_size,
+                                equal_shards=False) for r in range(world_size)]
+    assert sum(map(len, shards)) == len(global_batches)
+    seen = [item for shard in shards for batch in shard for item in unpad(batch)]
+    assert sorted(map(repr, seen)) == sorted(map(repr, encoded))
+    single = batches_by_tokens(encoded[:1], 100, False, 0, 1, rank=1, world_size=2, equal_shards=False)
+    assert single == []
+
+
 def test_batches_argument_errors():
     encoded = random_encoded(20)
     longest = max(max(len(x), len(y)) + 1 for x, y in encoded)

@@ -182,7 +182,8 @@ def _cost(item: tuple[Sequence[int], Sequence[int]]) -> int:
 
 def batches_by_tokens(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], max_tokens: int,
                       shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1, *,
-                      pad_id: int = PAD_ID, bos_id: int = BOS_ID, eos_id: int = EOS_ID) -> list[Batch]:
+                      equal_shards: bool = True, pad_id: int = PAD_ID, bos_id: int = BOS_ID,
+                      eos_id: int = EOS_ID) -> list[Batch]:
     """Group pairs of similar length into batches of at most ``max_tokens`` padded positions.
 
     The budget counts padding: a batch of B pairs whose longest side (src or tgt) spans L
@@ -196,6 +197,9 @@ def batches_by_tokens(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], ma
     rank r takes batches r, r + world_size, ...: all ranks get the same number of batches, and
     step i of a DDP run sees global batches ``i*world_size ... i*world_size + world_size - 1``,
     exactly what one process accumulating ``world_size`` batches per step sees.
+    ``equal_shards=False`` deals every batch instead (shard sizes may differ by one, a rank may
+    get none): for evaluation, where ranks only meet in a final all-reduce and dropping
+    sentences would bias the score.
     """
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -225,7 +229,7 @@ def batches_by_tokens(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], ma
     if shuffle:
         rng.shuffle(groups)
 
-    usable = len(groups) // world_size * world_size
+    usable = len(groups) // world_size * world_size if equal_shards else len(groups)
     if usable == 0:
         raise ValueError(f"{len(groups)} batches cannot be shared by world_size={world_size} "
                          f"ranks; lower max_tokens={max_tokens} or use fewer ranks")
