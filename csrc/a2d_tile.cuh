@@ -1,0 +1,581 @@
+// Per-tile arithmetic of the A2D loss, shared by the CUDA kernels and the host path.
+//
+// Everything here is __host__ __device__: the GPU kernels (a2d_kernels.cu) and the
+// CPU emulation of those kernels (a2d_host.cpp) call the *same* functions, phase by
+// phase, so the CPU tests in tests/test_cuda.py check the arithmetic the GPU runs
+// (online log-sum-exp merges, the mixing order, masks, the partial-buffer reductions),
+// not a second implementation of it.
+//
+// Work decomposition (one thread block = one batch element b and a range of "row sets"):
+//   * a tile is G query rows x KC keys of every student channel (S) and teacher
+//     channel (A), staged in shared memory as fp32 in the layout [g][channel][KCP];
+//   * thread (c, g) with c = tid % Ct, g = tid / Ct owns teacher channel c of row g:
+//     it keeps row c of the mixing matrix in registers, mixes Z[c] for 4 keys at a
+//     time (Cs FMAs per key, S read as float4 broadcasts) and folds them into its own
+//     running statistics, so no cross-thread reduction happens inside the hot loop;
+//   * "map" mode: per-thread statistics are merged over g in a fixed order at the end
+//     of the block and written to a per-block partial buffer; a finish pass merges the
+//     blocks in a fixed order. "row" mode: a row's statistics are complete when its last
+//     key chunk is done and are written per (b, c, t). No atomics: results are bitwise
+//     reproducible.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define A2D_HD __host__ __device__ __forceinline__
+#else
+#define A2D_HD inline
+#endif
+
+#if defined(__CUDA_ARCH__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define A2D_UNROLL _Pragma("unroll")
+#else
+#define A2D_UNROLL
+#endif
+
+namespace a2d {
+
+// ---------------------------------------------------------------------------------
+// Codes shared with the Python wrapper (a2d_kernels/ops/cuda_a2d.py).
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum Mode : int { kMap = 0, kRow = 1 };
+
+constexpr int kThreads = 256;          // threads per block of the main kernels
+constexpr int kMaxStudent = 64;        // Cs limit (row of the mixing matrix in registers)
+constexpr int kSmemFloats = 12 * 1024; // 48 KiB: no opt-in needed on any architecture
+constexpr int kMapFields = 5;          // floats per MapStats in the partial buffers
+
+// Everything a launch needs, as plain integers and pointers (no libtorch types).
+struct Args {
+  int B, T, K, Cs, Ct;
+  int mode;      // Mode
+  int dtype;     // DType of the student maps and of dS
+  int t_dtype;   // DType of the teacher maps
+  int w_dtype;   // DType of weight and d_weight
+  int b_dtype;   // DType of bias and d_bias
+  // Per-channel table, int64 rows of (address, stride_b, stride_t) in elements, the key
+  // stride being 1: Cs student rows, then Ct teacher rows, then Cs dS rows (backward).
+  const int64_t* table;
+  const void* weight;             // (Ct, Cs) contiguous
+  const void* bias;               // (Ct,) or null
+  const unsigned char* key_valid;   // (B, K) bool, true = takes part; or null
+  const unsigned char* query_valid; // (B, T) bool; or null
+  // forward outputs: kl (B, Ct); map: stat0 = lse(Z), stat1 = lse(A), both (B, Ct);
+  // row: stat0 = lse(Z row), stat1 = teacher row mass P, both (B, Ct, T).
+  float* kl;
+  float* stat0;
+  float* stat1;
+  float* work;                    // partial buffer, Plan::work_floats(...) floats
+  // backward
+  const float* grad_scale;        // 0-dim fp32, read on the device
+  void* d_weight;                 // (Ct, Cs) in w_dtype
+  void* d_bias;                   // (Ct,) in b_dtype, or null
+  int need_ds;
+};
+
+// Tile geometry and shared-memory layout (offsets in floats).
+struct Plan {
+  int G;              // query rows per tile
+  int KC;             // keys per tile
+  int KCP;            // padded row length: a multiple of 4 with KCP/4 odd (no bank conflicts)
+  int n_sets;         // ceil(T / G) row sets per batch element
+  int sets_per_block;
+  int n_blocks;       // blocks per batch element
+  int off_s, off_a, off_w, off_bias, off_row_ok, off_key_ok, smem_floats;
+  int region;         // floats at off_s usable for staging block reductions
+  int dw_chunk;       // d_weight columns staged per round of the block reduction
+
+  int64_t forward_work_floats(const Args& a) const {
+    return a.mode == kMap ? int64_t(a.B) * n_blocks * a.Ct * kMapFields
+                          : int64_t(a.B) * a.Ct * a.T;
+  }
+  int64_t backward_work_floats(const Args& a) const {
+    return int64_t(a.B) * n_blocks * (int64_t(a.Ct) * a.Cs + a.Ct);
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Element conversions. On the device the hardware conversions are used; on the host
+// the same IEEE round-to-nearest-even conversions written with bit operations (checked
+// bit for bit against torch in tests/test_cuda.py).
+A2D_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+A2D_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+inline float host_half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
+    const float f = float(mant) * 5.9604644775390625e-8f;
+    return sign ? -f : f;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
+  return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
+}
+
+inline uint16_t host_float_to_half(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to infinity
+  if (a < 0x38800000u) {                                  // below 2^-14: subnormal half
+    if (a < 0x33000000u) return uint16_t(sign);           // <= 2^-25 rounds to zero
+    const uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126 - e;                       // count of 2^-24 units
+    uint32_t q = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return uint16_t(sign | q);
+  }
+  uint32_t h = (((a >> 23) - 112) << 10) | ((a >> 13) & 0x3ffu);
+  const uint32_t rem = a & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // carry may bump the exponent
+  return uint16_t(sign | h);
+}
+
+inline uint16_t host_float_to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+A2D_HD float load_elem(const void* p, int64_t i, int dtype) {
+  if (dtype == kBF16) return bits_to_float(uint32_t(static_cast<const uint16_t*>(p)[i]) << 16);
+  if (dtype == kF16) {
+#if defined(__CUDA_ARCH__)
+    return __half2float(static_cast<const __half*>(p)[i]);
+#else
+    return host_half_to_float(static_cast<const uint16_t*>(p)[i]);
+#endif
+  }
+  return static_cast<const float*>(p)[i];
+}
+
+A2D_HD void store_elem(void* p, int64_t i, int dtype, float v) {
+#if defined(__CUDA_ARCH__)
+  if (dtype == kBF16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else if (dtype == kF16) static_cast<__half*>(p)[i] = __float2half_rn(v);
+  else static_cast<float*>(p)[i] = v;
+#else
+  if (dtype == kBF16) static_cast<uint16_t*>(p)[i] = host_float_to_bf16(v);
+  else if (dtype == kF16) static_cast<uint16_t*>(p)[i] = host_float_to_half(v);
+  else static_cast<float*>(p)[i] = v;
+#endif
+}
+
+struct alignas(16) F4 {
+  float x, y, z, w;
+};
+
+A2D_HD F4 load4(const float* p) {  // p is 16-byte aligned by the layout
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const F4*>(p);
+#else
+  F4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+#endif
+}
+
+A2D_HD void store4(float* p, const float v[4]) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<F4*>(p) = F4{v[0], v[1], v[2], v[3]};
+#else
+  std::memcpy(p, v, 4 * sizeof(float));
+#endif
+}
+
+// ---------------------------------------------------------------------------------
+// Running statistics.
+//
+// "map" mode, one (b, c) map: with running maxima mz, ma,
+//   sz = sum exp(z - mz), sa = sum exp(a - ma), u = sum exp(a - ma) * ((a - ma) - (z - mz)),
+// so KL = u / sa - log(sa) + log(sz). u is kept relative to the maxima (rather than
+// accumulating a - z and subtracting log-sum-exps at the end) so that a large common
+// shift of the logits (a big bias) does not cancel catastrophically.
+struct MapStats {
+  float mz, sz, ma, sa, u;
+};
+
+A2D_HD MapStats map_empty() { return MapStats{-INFINITY, 0.f, -INFINITY, 0.f, 0.f}; }
+
+// Merge two partial statistics (any order gives the same value up to rounding; callers
+// always merge in a fixed order, so results are reproducible bit for bit).
+A2D_HD MapStats map_merge(const MapStats& x, const MapStats& y) {
+  if (x.sz == 0.f) return y;  // sz >= 1 as soon as one entry was seen
+  if (y.sz == 0.f) return x;
+  MapStats r;
+  r.mz = fmaxf(x.mz, y.mz);
+  r.ma = fmaxf(x.ma, y.ma);
+  r.sz = x.sz * expf(x.mz - r.mz) + y.sz * expf(y.mz - r.mz);
+  const float fx = expf(x.ma - r.ma), fy = expf(y.ma - r.ma);
+  r.sa = x.sa * fx + y.sa * fy;
+  // Re-base each u on the new maxima: (a - ma') = (a - ma) - dA, (z - mz') = (z - mz) - dZ.
+  r.u = fx * (x.u + ((r.mz - x.mz) - (r.ma - x.ma)) * x.sa) +
+        fy * (y.u + ((r.mz - y.mz) - (r.ma - y.ma)) * y.sa);
+  return r;
+}
+
+// Fold up to 4 entries (those with ok[j]) into s: one rescale per group of 4.
+A2D_HD void map_add4(MapStats& s, const float z[4], const float a[4], const bool ok[4]) {
+  float zmax = -INFINITY, amax = -INFINITY;
+  A2D_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    if (ok[j]) {
+      zmax = fmaxf(zmax, z[j]);
+      amax = fmaxf(amax, a[j]);
+    }
+  }
+  if (!(ok[0] || ok[1] || ok[2] || ok[3])) return;
+  const float mz = fmaxf(s.mz, zmax), ma = fmaxf(s.ma, amax);
+  const float rz = expf(s.mz - mz), ra = expf(s.ma - ma);  // 0 for an empty s
+  float sz = s.sz * rz, sa = s.sa * ra;
+  float u = s.sz == 0.f ? 0.f : ra * (s.u + ((mz - s.mz) - (ma - s.ma)) * s.sa);
+  A2D_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    if (ok[j]) {
+      const float za = z[j] - mz, aa = a[j] - ma;
+      const float ea = expf(aa);
+      sz += expf(za);
+      sa += ea;
+      u += ea * (aa - za);
+    }
+  }
+  s = MapStats{mz, sz, ma, sa, u};
+}
+
+A2D_HD float map_kl(const MapStats& s) {
+  // log(sz / sa), not log(sz) - log(sa): both logs are ~log(T*K) and would cancel.
+  return s.sz == 0.f ? 0.f : s.u / s.sa + logf(s.sz / s.sa);
+}
+A2D_HD float map_lse_z(const MapStats& s) { return s.sz == 0.f ? 0.f : s.mz + logf(s.sz); }
+A2D_HD float map_lse_a(const MapStats& s) { return s.sz == 0.f ? 0.f : s.ma + logf(s.sa); }
+
+// "row" mode, one (b, c, t) row over its valid keys, teacher row a used as given
+// probabilities: m, s = running max / sum exp(z - m); pa = sum a; palogp = sum a log a
+// (0 log 0 = 0); pz = sum a * (z - m). Then
+//   KL = palogp - sum a * (z - lse) = palogp - pz + log(s) * pa.
+struct RowStats {
+  float m, s, pa, palogp, pz;
+};
+
+A2D_HD RowStats row_empty() { return RowStats{-INFINITY, 0.f, 0.f, 0.f, 0.f}; }
+
+A2D_HD float xlogx(float a) { return a == 0.f ? 0.f : a * logf(a); }
+
+A2D_HD void row_add4(RowStats& r, const float z[4], const float a[4], const bool ok[4]) {
+  float zmax = -INFINITY;
+  A2D_UNROLL
+  for (int j = 0; j < 4; ++j)
+    if (ok[j]) zmax = fmaxf(zmax, z[j]);
+  if (!(ok[0] || ok[1] || ok[2] || ok[3])) return;
+  const float m = fmaxf(r.m, zmax);
+  float s = r.s * expf(r.m - m);
+  float pz = r.pa == 0.f ? r.pz : r.pz - (m - r.m) * r.pa;  // re-base on the new max
+  float pa = r.pa, palogp = r.palogp;
+  A2D_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    if (ok[j]) {
+      s += expf(z[j] - m);
+      pa += a[j];
+      palogp += xlogx(a[j]);
+      pz += a[j] * (z[j] - m);
+    }
+  }
+  r = RowStats{m, s, pa, palogp, pz};
+}
+
+A2D_HD float row_kl(const RowStats& r) {
+  return r.s == 0.f ? 0.f : r.palogp - r.pz + logf(r.s) * r.pa;
+}
+A2D_HD float row_lse(const RowStats& r) { return r.s == 0.f ? 0.f : r.m + logf(r.s); }
+
+// ---------------------------------------------------------------------------------
+// Tile phases. Cooperative phases take (tid, nthreads) and stride over their work; the
+// kernels call them with (threadIdx.x, blockDim.x), the host emulation with (0, 1).
+
+A2D_HD const void* table_ptr(const Args& a, int row) {
+  return reinterpret_cast<const void*>(static_cast<uintptr_t>(a.table[3 * row]));
+}
+
+// Mixing matrix and bias into shared memory as fp32.
+A2D_HD void load_params(const Args& a, const Plan& p, float* sm, int tid, int nth) {
+  for (int i = tid; i < a.Ct * a.Cs; i += nth) sm[p.off_w + i] = load_elem(a.weight, i, a.w_dtype);
+  for (int i = tid; i < a.Ct; i += nth)
+    sm[p.off_bias + i] = a.bias ? load_elem(a.bias, i, a.b_dtype) : 0.f;
+}
+
+// Stage rows t0..t0+G-1, keys k0..k0+KC-1 of every student and teacher channel (fp32),
+// zero outside the problem, plus the row / key validity flags (1 = takes part).
+A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, int k0, int tid,
+                      int nth) {
+  const int kc_len = a.K - k0 < p.KC ? a.K - k0 : p.KC;
+  for (int i = tid; i < p.G; i += nth) {
+    const int t = t0 + i;
+    const bool ok = t < a.T && (!a.query_valid || a.query_valid[int64_t(b) * a.T + t]);
+    sm[p.off_row_ok + i] = ok ? 1.f : 0.f;
+  }
+  for (int i = tid; i < p.KCP; i += nth) {
+    const bool ok = i < kc_len && (!a.key_valid || a.key_valid[int64_t(b) * a.K + k0 + i]);
+    sm[p.off_key_ok + i] = ok ? 1.f : 0.f;
+  }
+  // Lanes walk the keys of one (row, channel) line so global reads are coalesced.
+  const int lanes = nth >= 32 ? 32 : 1;
+  const int n_lines = p.G * (a.Cs + a.Ct);
+  for (int line = tid / lanes; line < n_lines; line += nth / lanes) {
+    const int ch = line / p.G, g = line - ch * p.G;
+    const int t = t0 + g;
+    float* dst = ch < a.Cs ? sm + p.off_s + (g * a.Cs + ch) * p.KCP
+                           : sm + p.off_a + (g * a.Ct + (ch - a.Cs)) * p.KCP;
+    const int row = ch;  // table rows: students first, then teachers
+    const int dtype = ch < a.Cs ? a.dtype : a.t_dtype;
+    const void* base = table_ptr(a, row);
+    const int64_t off = t < a.T ? int64_t(b) * a.table[3 * row + 1] + int64_t(t) * a.table[3 * row + 2] + k0 : 0;
+    for (int kk = tid % lanes; kk < p.KCP; kk += lanes)
+      dst[kk] = (t < a.T && kk < kc_len) ? load_elem(base, off + kk, dtype) : 0.f;
+  }
+}
+
+// Row c of the mixing matrix into registers (zero past Cs).
+template <int CS_MAX>
+A2D_HD void thread_weights(const Args& a, const Plan& p, const float* sm, int c, float (&w)[CS_MAX]) {
+  A2D_UNROLL
+  for (int k = 0; k < CS_MAX; ++k) w[k] = k < a.Cs ? sm[p.off_w + c * a.Cs + k] : 0.f;
+}
+
+// z[j] = bias + sum_k w[k] * S[k, kk + j], j < 4, accumulated in k order with fmaf
+// (the same order and rounding on the host and the device).
+template <int CS_MAX>
+A2D_HD void mix4(const float (&w)[CS_MAX], const float* s_rows, int Cs, int KCP, int kk, float bias,
+                 float z[4]) {
+  z[0] = z[1] = z[2] = z[3] = bias;
+  A2D_UNROLL
+  for (int k = 0; k < CS_MAX; ++k) {
+    if (k < Cs) {
+      const F4 s = load4(s_rows + k * KCP + kk);
+      z[0] = fmaf(w[k], s.x, z[0]);
+      z[1] = fmaf(w[k], s.y, z[1]);
+      z[2] = fmaf(w[k], s.z, z[2]);
+      z[3] = fmaf(w[k], s.w, z[3]);
+    }
+  }
+}
+
+// Forward, thread (c, g): fold this tile's entries of row g, channel c into the stats.
+template <int CS_MAX>
+A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, int c, int g,
+                           const float (&w)[CS_MAX], int kc_len, MapStats& ms, RowStats& rs) {
+  if (sm[p.off_row_ok + g] == 0.f) return;
+  const float* s_rows = sm + p.off_s + g * a.Cs * p.KCP;
+  const float* a_row = sm + p.off_a + (g * a.Ct + c) * p.KCP;
+  const float* key_ok = sm + p.off_key_ok;
+  const float bias = sm[p.off_bias + c];
+  for (int kk = 0; kk < kc_len; kk += 4) {
+    float z[4];
+    mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, bias, z);
+    const F4 a4 = load4(a_row + kk);
+    const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+    const bool ok[4] = {key_ok[kk] != 0.f, key_ok[kk + 1] != 0.f, key_ok[kk + 2] != 0.f,
+                        key_ok[kk + 3] != 0.f};
+    if (a.mode == kMap) map_add4(ms, z, av, ok);
+    else row_add4(rs, z, av, ok);
+  }
+}
+
+// Row mode, after the last key chunk of row t: the row's lse, teacher mass and KL.
+A2D_HD void forward_row_done(const Args& a, int b, int c, int t, const RowStats& rs) {
+  if (t >= a.T) return;
+  const int64_t i = (int64_t(b) * a.Ct + c) * a.T + t;
+  a.stat0[i] = row_lse(rs);
+  a.stat1[i] = rs.pa;
+  a.work[i] = row_kl(rs);
+}
+
+// Map mode, end of block: thread (c, g) parks its stats in the staging region ...
+A2D_HD void map_stash(const Plan& p, float* sm, int Ct, int c, int g, const MapStats& ms) {
+  float* dst = sm + p.off_s + (g * Ct + c) * kMapFields;
+  dst[0] = ms.mz; dst[1] = ms.sz; dst[2] = ms.ma; dst[3] = ms.sa; dst[4] = ms.u;
+}
+
+A2D_HD MapStats map_read(const float* src) { return MapStats{src[0], src[1], src[2], src[3], src[4]}; }
+
+A2D_HD void map_write(float* dst, const MapStats& s) {
+  dst[0] = s.mz; dst[1] = s.sz; dst[2] = s.ma; dst[3] = s.sa; dst[4] = s.u;
+}
+
+// ... and thread c (< Ct) merges g = 0..G-1 in order into the block's partial.
+A2D_HD void map_block_reduce(const Args& a, const Plan& p, const float* sm, int b, int blk, int tid,
+                             int nth) {
+  for (int c = tid; c < a.Ct; c += nth) {
+    MapStats acc = map_empty();
+    for (int g = 0; g < p.G; ++g) acc = map_merge(acc, map_read(sm + p.off_s + (g * a.Ct + c) * kMapFields));
+    map_write(a.work + ((int64_t(b) * p.n_blocks + blk) * a.Ct + c) * kMapFields, acc);
+  }
+}
+
+// Finish passes, one "thread" per (b, c): blocks merged / rows summed in a fixed order.
+A2D_HD void map_finish(const Args& a, const Plan& p, int i) {
+  const int b = i / a.Ct, c = i - b * a.Ct;
+  MapStats acc = map_empty();
+  for (int blk = 0; blk < p.n_blocks; ++blk)
+    acc = map_merge(acc, map_read(a.work + ((int64_t(b) * p.n_blocks + blk) * a.Ct + c) * kMapFields));
+  a.kl[i] = map_kl(acc);
+  a.stat0[i] = map_lse_z(acc);
+  a.stat1[i] = map_lse_a(acc);
+}
+
+A2D_HD void row_finish(const Args& a, int i) {
+  const float* rows = a.work + int64_t(i) * a.T;
+  float sum = 0.f;
+  for (int t = 0; t < a.T; ++t) sum += rows[t];
+  a.kl[i] = sum;
+}
+
+// Backward, thread (c, g): dZ for this tile's entries of row g, channel c, written over
+// the teacher tile (only this thread reads that line), and folded into d_weight / d_bias.
+//   map: dZ = g * (exp(z - lseZ) - exp(a - lseA));  row: dZ = g * (exp(z - lse) * P - a);
+// zero where the entry does not take part.
+template <int CS_MAX>
+A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, int c, int g, const float (&w)[CS_MAX],
+                            int kc_len, float gscale, float stat0, float stat1, float (&dw)[CS_MAX],
+                            float& db) {
+  const float* s_rows = sm + p.off_s + g * a.Cs * p.KCP;
+  float* a_row = sm + p.off_a + (g * a.Ct + c) * p.KCP;
+  const float* key_ok = sm + p.off_key_ok;
+  const bool row_ok = sm[p.off_row_ok + g] != 0.f;
+  const float bias = sm[p.off_bias + c];
+  for (int kk = 0; kk < kc_len; kk += 4) {
+    float dz[4] = {0.f, 0.f, 0.f, 0.f};
+    if (row_ok) {
+      float z[4];
+      mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, bias, z);
+      const F4 a4 = load4(a_row + kk);
+      const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+      A2D_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        if (key_ok[kk + j] != 0.f) {
+          dz[j] = a.mode == kMap ? gscale * (expf(z[j] - stat0) - expf(av[j] - stat1))
+                                 : gscale * (expf(z[j] - stat0) * stat1 - av[j]);
+        }
+      }
+    }
+    store4(a_row + kk, dz);
+    db += (dz[0] + dz[1]) + (dz[2] + dz[3]);
+    A2D_UNROLL
+    for (int k = 0; k < CS_MAX; ++k) {
+      if (k < a.Cs) {
+        const F4 s = load4(s_rows + k * p.KCP + kk);
+        dw[k] = fmaf(dz[0], s.x, fmaf(dz[1], s.y, fmaf(dz[2], s.z, fmaf(dz[3], s.w, dw[k]))));
+      }
+    }
+  }
+}
+
+// Backward: dS[k, kk] = sum_c W[c, k] * dZ[c, kk] for every (k, g) line of the tile,
+// written over the student tile (whose values were consumed by backward_thread).
+A2D_HD void backward_ds(const Args& a, const Plan& p, float* sm, int kc_len, int tid, int nth) {
+  const float* W = sm + p.off_w;
+  for (int line = tid; line < a.Cs * p.G; line += nth) {
+    const int g = line / a.Cs, k = line - g * a.Cs;
+    const float* dz_rows = sm + p.off_a + g * a.Ct * p.KCP;
+    float* out = sm + p.off_s + (g * a.Cs + k) * p.KCP;
+    for (int kk = 0; kk < kc_len; kk += 4) {
+      float ds[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int c = 0; c < a.Ct; ++c) {
+        const float wck = W[c * a.Cs + k];
+        const F4 d = load4(dz_rows + c * p.KCP + kk);
+        ds[0] = fmaf(wck, d.x, ds[0]);
+        ds[1] = fmaf(wck, d.y, ds[1]);
+        ds[2] = fmaf(wck, d.z, ds[2]);
+        ds[3] = fmaf(wck, d.w, ds[3]);
+      }
+      store4(out + kk, ds);
+    }
+  }
+}
+
+// Backward: the dS tile to global memory in the maps' dtype (rows past T skipped).
+A2D_HD void store_ds(const Args& a, const Plan& p, const float* sm, int b, int t0, int k0, int tid, int nth) {
+  const int kc_len = a.K - k0 < p.KC ? a.K - k0 : p.KC;
+  const int lanes = nth >= 32 ? 32 : 1;
+  for (int line = tid / lanes; line < p.G * a.Cs; line += nth / lanes) {
+    const int k = line / p.G, g = line - k * p.G;
+    const int t = t0 + g;
+    if (t >= a.T) continue;
+    const int row = a.Cs + a.Ct + k;  // dS rows of the table
+    void* base = const_cast<void*>(table_ptr(a, row));
+    const int64_t off = int64_t(b) * a.table[3 * row + 1] + int64_t(t) * a.table[3 * row + 2] + k0;
+    const float* src = sm + p.off_s + (g * a.Cs + k) * p.KCP;
+    for (int kk = tid % lanes; kk < kc_len; kk += lanes) store_elem(base, off + kk, a.dtype, src[kk]);
+  }
+}
+
+// Backward, end of block: d_weight / d_bias of the block, summed over g in order.
+// Round r stages columns [k0, k0 + dw_chunk) of every thread's accumulators ...
+template <int CS_MAX>
+A2D_HD void dw_stash(const Args& a, const Plan& p, float* sm, int c, int g, int k0, const float (&dw)[CS_MAX]) {
+  float* dst = sm + p.off_s + (g * a.Ct + c) * p.dw_chunk;
+  A2D_UNROLL
+  for (int k = 0; k < CS_MAX; ++k)
+    if (k >= k0 && k < k0 + p.dw_chunk && k < a.Cs) dst[k - k0] = dw[k];
+}
+
+// ... and the block sums them over g into its partial row.
+A2D_HD void dw_block_reduce(const Args& a, const Plan& p, const float* sm, int b, int blk, int k0, int tid,
+                            int nth) {
+  const int width = a.Cs - k0 < p.dw_chunk ? a.Cs - k0 : p.dw_chunk;
+  float* part = a.work + (int64_t(b) * p.n_blocks + blk) * (int64_t(a.Ct) * a.Cs + a.Ct);
+  for (int o = tid; o < a.Ct * width; o += nth) {
+    const int c = o / width, j = o - c * width;
+    float sum = 0.f;
+    for (int g = 0; g < p.G; ++g) sum += sm[p.off_s + (g * a.Ct + c) * p.dw_chunk + j];
+    part[c * a.Cs + k0 + j] = sum;
+  }
+}
+
+A2D_HD void db_stash(const Args& a, const Plan& p, float* sm, int c, int g, float db) {
+  sm[p.off_s + g * a.Ct + c] = db;
+}
+
+A2D_HD void db_block_reduce(const Args& a, const Plan& p, const float* sm, int b, int blk, int tid, int nth) {
+  float* part = a.work + (int64_t(b) * p.n_blocks + blk) * (int64_t(a.Ct) * a.Cs + a.Ct) + int64_t(a.Ct) * a.Cs;
+  for (int c = tid; c < a.Ct; c += nth) {
+    float sum = 0.f;
+    for (int g = 0; g < p.G; ++g) sum += sm[p.off_s + g * a.Ct + c];
+    part[c] = sum;
+  }
+}
+
+// Finish: output o of (d_weight flattened, then d_bias) = sum of the block partials in order.
+A2D_HD void backward_finish(const Args& a, const Plan& p, int o) {
+  const int64_t width = int64_t(a.Ct) * a.Cs + a.Ct;
+  const int64_t n_parts = int64_t(a.B) * p.n_blocks;
+  float sum = 0.f;
+  for (int64_t q = 0; q < n_parts; ++q) sum += a.work[q * width + o];
+  if (o < a.Ct * a.Cs) store_elem(a.d_weight, o, a.w_dtype, sum);
+  else if (a.d_bias) store_elem(a.d_bias, o - a.Ct * a.Cs, a.b_dtype, sum);
+}
+
+}  // namespace a2d
