@@ -1,0 +1,252 @@
+"""The benchmark tooling: CPU smoke run of the one command, the pieces it rests on, and
+pytest-benchmark micro-benchmarks of the Python-side overhead (argument checking and
+dispatch) for small inputs.
+
+Nothing here times a GPU; what is checked is that the numbers the benchmark reports
+are computed right (floors, ratios, percentiles), that failures are recorded instead
+of ending a run, and that the peer pipeline and the GPU check compute what they claim.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_a2d  # noqa: E402
+import cases  # noqa: E402
+import contenders  # noqa: E402
+import measure  # noqa: E402
+import report  # noqa: E402
+
+from a2d_kernels import a2d_kl  # noqa: E402
+from a2d_kernels.backends import select_backend  # noqa: E402
+from a2d_kernels.problem import make_problem  # noqa: E402
+
+TINY = cases.Shape("tiny", B=2, T=5, K=7, Cs=4, Ct=6, heads=2)
+
+
+# ---------------------------------------------------------------- the one command, CPU smoke
+
+
+def test_smoke_command_writes_table_json_and_plots(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_a2d.py"), "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GPU contenders (compiled, triton, cuda, peer) are skipped" in proc.stdout
+    assert "| shape (B,T,K,Cs,Ct) | mode | dtype | phase | contender |" in proc.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    meta = results["meta"]
+    for key in ("device_name", "torch", "triton", "date", "copy_bytes_per_s", "driver", "cuda_runtime"):
+        assert key in meta
+    assert meta["run_mode"] == "cpu-smoke"
+    assert meta["copy_bytes_per_s"] > 0
+    assert set(meta["skipped_contenders"]) == {"compiled", "triton", "cuda", "peer"}
+
+    recs = results["records"]
+    assert {r["contender"] for r in recs} == {"eager"}
+    shapes = {r["shape"]["name"] for r in recs}
+    assert len(shapes) == len(cases.smoke_plan())
+    assert len(recs) == len(shapes) * len(cases.MODES) * len(cases.DTYPES) * len(cases.PHASES)
+    for r in recs:
+        assert r["status"] == "ok", r
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["floor_bytes"] == cases.floor_bytes(cases.Shape(**r["shape"]), cases.DTYPES[r["dtype"]], r["phase"])
+        assert r["x_eager"] == pytest.approx(1.0)
+    assert (out / "table.md").read_text().count("\n") >= len(recs)
+    for mode in cases.MODES:
+        for dtype in cases.DTYPES:
+            assert (out / f"sweep_{mode}_{dtype}.png").stat().st_size > 0
+
+
+def test_failing_contender_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    def build(normalize):
+        def loss(x):
+            raise RuntimeError("kernel exploded")
+        return loss
+
+    def build_oom(normalize):
+        def loss(x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")
+        return loss
+
+    monkeypatch.setitem(contenders.CONTENDERS, "broken", contenders.Contender(
+        "broken", "raises", lambda device: None, build))
+    monkeypatch.setitem(contenders.CONTENDERS, "greedy", contenders.Contender(
+        "greedy", "runs out of memory", lambda device: None, build_oom))
+    monkeypatch.setattr(cases, "smoke_plan", lambda: [TINY])
+    results = bench_a2d.main(["--device", "cpu", "--contenders", "eager,broken,greedy", "--modes", "map",
+                              "--dtypes", "fp32", "--out", str(tmp_path), "--no-plots", "--table", "none",
+                              "--quiet"])
+    by = {}
+    for r in results["records"]:
+        by.setdefault(r["contender"], set()).add(r["status"])
+    assert by["eager"] == {"ok"}
+    assert by["broken"] == {"error: RuntimeError: kernel exploded"}
+    assert by["greedy"] == {"oom"}
+    assert json.loads((tmp_path / "results.json").read_text())["records"]
+
+
+# ---------------------------------------------------------------- numbers the report rests on
+
+
+def test_floor_bytes_follow_the_design_formula():
+    s = cases.Shape("f", B=2, T=3, K=5, Cs=4, Ct=8)  # N = 30 elements
+    n32 = 30 * 4
+    assert cases.floor_bytes(s, torch.float32, "forward") == 12 * n32
+    assert cases.floor_bytes(s, torch.float32, "backward") == 12 * n32 + 4 * n32
+    assert cases.floor_bytes(s, torch.float32, "forward+backward") == 28 * n32
+    assert cases.floor_bytes(s, torch.bfloat16, "forward") == 12 * n32 // 2
+    with pytest.raises(ValueError, match="phase must be one of"):
+        cases.floor_bytes(s, torch.float32, "sideways")
+
+
+def test_full_plan_has_the_issue_shapes_and_a_fixed_token_sweep():
+    plan = cases.full_plan()
+    assert [s.name for s in plan[:3]] == ["iwslt", "wmt", "long"]
+    assert (plan[0].B, plan[0].T, plan[0].Cs, plan[0].Ct) == (64, 64, 12, 24)
+    assert (plan[1].B, plan[1].T, plan[1].Cs, plan[1].Ct) == (32, 128, 48, 96)
+    assert (plan[2].B, plan[2].T, plan[2].Cs, plan[2].Ct) == (2, 2048, 12, 24)
+    sweep = cases.sweep()
+    assert [s.T for s in sweep] == [64, 128, 256, 512, 1024, 2048, 4096]
+    assert all(s.B * s.T == 4096 and s.T == s.K for s in sweep)
+    assert len({s.name for s in plan}) == len(plan) == 8  # iwslt and long are sweep points, not repeats
+
+
+def test_summarize_uses_median_and_p20_p80():
+    t = measure.summarize([float(i) for i in range(1, 11)])
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.reps) == (5.5, pytest.approx(2.8), pytest.approx(8.2), 10)
+    with pytest.raises(ValueError, match="at least one time"):
+        measure.summarize([])
+
+
+def test_derive_and_targets():
+    shape = TINY.to_dict()
+    base = {"shape": shape, "mode": "map", "dtype": "fp32", "phase": "forward+backward", "status": "ok",
+            "p20_ms": 0, "p80_ms": 0, "floor_bytes": 1_000_000}
+    recs = [dict(base, contender="eager", median_ms=10.0, peak_extra_bytes=1000),
+            dict(base, contender="compiled", median_ms=4.0, peak_extra_bytes=500),
+            dict(base, contender="triton", median_ms=1.0, peak_extra_bytes=40),
+            dict(base, contender="cuda", status="oom")]
+    out = {r["contender"]: r for r in report.derive(recs, copy_bytes_per_s=2e9)}
+    t = out["triton"]
+    assert t["x_eager"] == pytest.approx(10.0) and t["x_compiled"] == pytest.approx(4.0)
+    assert t["achieved_gbps"] == pytest.approx(1.0)  # 1 MB in 1 ms
+    assert t["floor_ms"] == pytest.approx(0.5) and t["x_floor"] == pytest.approx(2.0)
+    assert t["memory_vs_eager"] == pytest.approx(0.04)
+    assert "x_eager" not in out["cuda"]
+    lines = report.target_lines(list(out.values()), shapes=["tiny"])
+    assert "triton: speedup vs eager: worst 10.000x over 1 configs (target >= 8x) MET" in lines
+    assert any(line.startswith("triton: time / byte floor") and line.endswith("MISSED") for line in lines)
+    assert any(line.startswith("triton: extra peak memory") and line.endswith("MET") for line in lines)
+    assert "cuda: no successful forward+backward run (oom)" in lines
+    assert "| tiny | map | fp32 |" in report.compact_summary(list(out.values()))
+
+
+# ---------------------------------------------------------------- contenders compute the loss
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_peer_pipeline_matches_the_reference(normalize, dtype, tol):
+    # The pipeline with PyTorch's KL in place of Liger's kernel (same contract:
+    # log-probabilities in, probabilities as target, summed).
+    x = cases.make_inputs(TINY, dtype, "cpu", seed=3)
+    peer = contenders.peer_loss_fn(normalize, contenders.torch_kl_sum)(x)
+    peer.backward()
+    got = [peer.detach(), *[s.grad.clone() for s in x.student], x.weight.grad.clone()]
+    x.clear_grads()
+    ref = contenders.CONTENDERS["eager"].build(normalize)(x)
+    ref.backward()
+    want = [ref.detach(), *[s.grad for s in x.student], x.weight.grad]
+    for g, w in zip(got, want):
+        err = (g.double() - w.double()).norm() / w.double().norm()
+        assert err < tol, (normalize, dtype, err)
+
+
+def test_gpu_check_compares_with_float64_and_can_fail(tmp_path, monkeypatch):
+    import gpu_check
+    import a2d_kernels
+
+    rows = gpu_check.check_backend("reference", tmp_path, device="cpu", shapes=[TINY])
+    assert len(rows) == 2 * 2 + 2 and all(r["pass"] and r["deterministic"] for r in rows)
+    assert json.loads((tmp_path / "check_reference.json").read_text()) == rows
+
+    real = a2d_kernels.a2d_kl
+
+    def off_by_a_little(*args, backend="auto", **kwargs):  # a "backend" 5% off
+        loss = real(*args, backend="reference", **kwargs)
+        return loss * 1.05 if backend == "wrong" else loss
+
+    monkeypatch.setattr(a2d_kernels, "a2d_kl", off_by_a_little)
+    rows = gpu_check.check_backend("wrong", tmp_path, device="cpu", shapes=[TINY])
+    assert rows and not any(r["pass"] for r in rows)
+    assert all(r["err_loss"] == pytest.approx(0.05, rel=1e-2) for r in rows)
+
+
+# ---------------------------------------------------------------- end to end, CPU smoke
+
+
+def test_e2e_smoke(tmp_path):
+    try:
+        import a2d_trainer.model  # noqa: F401
+        from a2d_kernels.distill import A2DDistiller  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"trainer or distiller not importable: {exc}")
+    import bench_e2e
+
+    results = bench_e2e.main(["--device", "cpu", "--smoke", "--backends", "reference", "--out", str(tmp_path)])
+    rows = {r["variant"]: r for r in results["rows"]}
+    assert rows["baseline"]["status"] == "ok"
+    assert rows["a2d:reference"]["status"] == "ok"
+    assert "a2d_time_share" in rows["a2d:reference"]
+    assert (tmp_path / "e2e.json").exists()
+
+
+# ---------------------------------------------------------------- Python-side overhead
+
+
+def _small_inputs():
+    x = cases.make_inputs(cases.Shape("micro", B=2, T=8, K=8, Cs=12, Ct=24), torch.float32, "cpu")
+    return x
+
+
+try:
+    import pytest_benchmark  # noqa: F401
+    HAS_BENCHMARK = True
+except ImportError:
+    HAS_BENCHMARK = False
+needs_benchmark = pytest.mark.skipif(not HAS_BENCHMARK, reason="pytest-benchmark is not installed")
+
+
+@needs_benchmark
+def test_overhead_argument_checking(benchmark):
+    x = _small_inputs()
+    problem = benchmark(make_problem, x.student, x.teacher, x.weight, x.bias, normalize="map")
+    assert problem.student_channels == 12 and problem.teacher_channels == 24
+
+
+@needs_benchmark
+def test_overhead_dispatch(benchmark):
+    x = _small_inputs()
+    problem = make_problem(x.student, x.teacher, x.weight, x.bias)
+    # On the CPU "auto" resolves to the reference (None) without importing anything new.
+    assert benchmark(select_backend, "auto", problem) is None
+
+
+@needs_benchmark
+def test_overhead_small_forward(benchmark):
+    x = _small_inputs()
+    with torch.no_grad():
+        loss = benchmark(a2d_kl, x.student, x.teacher, x.weight, x.bias, backend="reference")
+    assert torch.isfinite(loss) and loss > 0
