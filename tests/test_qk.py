@@ -146,18 +146,32 @@ def test_maps_mode_equivalence_with_a2d_kl():
 # ----------------------------------------------------------------- Triton backend
 
 @pytest.mark.parametrize("normalize", ["map", "row"])
-@pytest.mark.parametrize("setting", ["plain", "padded", "causal_left_padded"])
+@pytest.mark.parametrize("setting", ["plain", "padded", "causal", "causal_left_padded"])
 def test_triton_matches_oracle_fp32(normalize, setting):
     shape = SELF if setting.startswith("causal") else SHAPE
     B, sh, th, T, K, Ds, Dt = shape
     case = make_case(B, sh, th, T, K, Ds, Dt, seed=1)
     kwargs = dict(normalize=normalize)
-    if setting != "plain":
+    if setting in ("padded", "causal_left_padded"):
         kpm, qm = _pad_masks(B, T, K, left_pad_keys=setting.startswith("causal"))
         kwargs.update(key_padding_mask=kpm, query_mask=qm, reduction="mean")
     if setting.startswith("causal"):
         kwargs.update(causal=True, reduction="batchmean")
     compare(case, "triton", **kwargs)
+
+
+@pytest.mark.parametrize("block_t, block_k", [(4, 8), (8, 4)])
+def test_triton_causal_unequal_tiles(monkeypatch, block_t, block_k):
+    """Query and key tiles of different sizes: the causal tile skipping and the
+    closed-form hidden-key terms must not assume they are equal."""
+    from a2d_kernels.ops import triton_qk
+    monkeypatch.setitem(triton_qk.INTERPRETER_TILES, "block_t", block_t)
+    monkeypatch.setitem(triton_qk.INTERPRETER_TILES, "block_k", block_k)
+    B, sh, th, T, K, Ds, Dt = 2, [2], [3], 10, 10, 4, 4
+    case = make_case(B, sh, th, T, K, Ds, Dt, seed=7)
+    kpm, qm = _pad_masks(B, T, K, left_pad_keys=True)
+    for normalize in ("map", "row"):
+        compare(case, "triton", normalize=normalize, causal=True, key_padding_mask=kpm, query_mask=qm)
 
 
 def test_triton_edge_shapes_stacked_noncontiguous_no_bias():

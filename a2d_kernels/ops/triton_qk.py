@@ -97,6 +97,26 @@ def _visible(t, k, key_ok, T, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _causal_keys(b, t_blk, key_suffix_ptr, K, HAS_KEY_MASK: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For a causal query block: (k_cover, n_hidden).
+
+    Key blocks starting below ``k_cover`` hold every key the block's queries can see;
+    the ``n_hidden`` loss keys (not padding) at or past ``k_cover`` are hidden from all
+    of them, so there S = A = 0 and Z = bias exactly: kernels add those entries in
+    closed form instead of visiting their tiles (half the work of a causal map).
+    ``key_suffix[b, j]`` = number of non-padded keys at positions >= j.
+    """
+    k_end = tl.minimum(K, (t_blk + 1) * BLOCK_T)
+    k_cover = tl.minimum(K, tl.cdiv(k_end, BLOCK_K) * BLOCK_K)
+    if HAS_KEY_MASK:
+        n_hidden = tl.load(key_suffix_ptr + b * (K + 1) + k_cover).to(tl.float32)
+    else:
+        n_hidden = (K - k_cover).to(tl.float32)
+    return k_cover, n_hidden
+
+
+@triton.jit
 def _probs(scores, lse_ptr, b, c, t, stride_l_b, stride_l_c, C, T, scale, visible):
     """Attention probabilities (C, BT, BK) fp32: exactly 0 where not visible.
 
@@ -175,7 +195,7 @@ def _row_lse_kernel(
 @triton.jit
 def _forward_stats_kernel(
     sq_ptr, sk_ptr, tq_ptr, tk_ptr, lse_s_ptr, lse_t_ptr, w_ptr, bias_ptr,
-    key_valid_ptr, query_valid_ptr, stats_ptr,
+    key_valid_ptr, query_valid_ptr, key_suffix_ptr, stats_ptr,
     stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d,
     stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d,
     stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d,
@@ -193,7 +213,8 @@ def _forward_stats_kernel(
       map mode: U = sum exp(A), V = sum exp(A) * (A - Z)   (A is in [0, 1]: no shift needed)
       row mode: U = sum A,      V = sum A * (log A - Z)    (terms with A = 0 are 0)
     Loss entries: key not padded and query not padded. Causally hidden entries are
-    loss entries too (S = A = 0 there), so every key block is visited.
+    loss entries too (S = A = 0, Z = bias there): key blocks that are hidden from the
+    whole query block are added in closed form (see ``_causal_keys``).
     """
     b = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -211,7 +232,10 @@ def _forward_stats_kernel(
     z_sum = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
     u = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
     v = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_end = K
+    if CAUSAL:
+        k_end, n_hidden = _causal_keys(b, tl.program_id(1), key_suffix_ptr, K, HAS_KEY_MASK, BLOCK_T, BLOCK_K)
+    for k0 in range(0, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         key_ok = _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
         vis = _visible(t, k, key_ok, T, CAUSAL)
@@ -235,6 +259,16 @@ def _forward_stats_kernel(
             pos = in_loss & (A > 0)
             u += tl.sum(tl.where(pos, A, 0.0), axis=2)
             v += tl.sum(tl.where(pos, A * (tl.log(tl.where(pos, A, 1.0)) - Z), 0.0), axis=2)
+    if CAUSAL:  # n hidden entries per row with Z = bias, A = 0 (row mode: no u, v terms)
+        n = tl.where(query_ok, n_hidden, 0.0)[None, :]
+        zb = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32) + bias[:, None]
+        z_max_new = tl.where(n > 0, tl.maximum(z_max, zb), z_max)
+        # zb <= z_max_new wherever n > 0; the clamp keeps n = 0 rows from meeting inf.
+        z_sum = z_sum * tl.exp(z_max - z_max_new) + n * tl.exp(tl.minimum(zb - z_max_new, 0.0))
+        z_max = z_max_new
+        if MAP_MODE:
+            u += n
+            v -= n * zb
 
     base = stats_ptr + b * Ct * T * 4 + ct[:, None] * T * 4 + t[None, :] * 4
     mask = (ct < Ct)[:, None] & (t < T)[None, :]
@@ -294,7 +328,7 @@ def _tile_grads(
 @triton.jit
 def _backward_kernel(
     sq_ptr, sk_ptr, tq_ptr, tk_ptr, lse_s_ptr, lse_t_ptr, w_ptr, bias_ptr,
-    key_valid_ptr, query_valid_ptr, shift_ptr, grad_scale_ptr,
+    key_valid_ptr, query_valid_ptr, key_suffix_ptr, shift_ptr, grad_scale_ptr,
     rowsum_ptr, dw_ptr, db_ptr, dqk_ptr,
     stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d,
     stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d,
@@ -338,7 +372,9 @@ def _backward_kernel(
             rowsum = tl.zeros((CS_PAD, BLOCK_T), tl.float32)
             dw = tl.zeros((CT_BLOCK, CS_PAD), tl.float32)
             db = tl.zeros((CT_BLOCK,), tl.float32)
-            k_end = K  # dbias needs every loss entry, causally hidden ones too
+            k_end = K
+            if CAUSAL:  # hidden key blocks only feed dbias: added in closed form below
+                k_end, n_hidden = _causal_keys(b, blk, key_suffix_ptr, K, HAS_KEY_MASK, BLOCK_T, BLOCK_K)
         else:
             rowsum = tl.load(rs_ptrs, mask=rs_mask, other=0.0)
             dq = tl.zeros((CS_PAD, BLOCK_T, BLOCK_DS), tl.float32)
@@ -365,6 +401,12 @@ def _backward_kernel(
                 else:
                     dq += tl.dot(dlogits.to(sk.dtype), sk)
         if STAGE == 0:
+            if CAUSAL:  # dZ at the hidden entries (Z = bias, A = 0), as a one-key tile
+                z_hidden = tl.zeros((CT_BLOCK, BLOCK_T, 1), tl.float32) + bias[:, None, None]
+                a_hidden = tl.zeros((CT_BLOCK, BLOCK_T, 1), tl.float32)
+                dz_hidden = _grad_z(z_hidden, a_hidden, query_ok[None, :, None], shift_ptr, b, ct, t,
+                                    grad_scale, Ct, T, MAP_MODE)
+                db += n_hidden * tl.sum(tl.sum(dz_hidden, axis=2), axis=1)
             tl.store(rs_ptrs, rowsum, mask=rs_mask)
             nT = tl.num_programs(1)
             w_ptrs = dw_ptr + ((b * nT + blk) * Ct + ct[:, None]) * Cs + cs[None, :]
@@ -436,6 +478,16 @@ def unsupported_reason(problem) -> Optional[str]:
     return None
 
 
+# Tile shapes, overridable (e.g. by a benchmark sweep or a test). On a GPU every dot
+# dimension must be >= 16. NOTE: the GPU values are first guesses, not tuned (no GPU
+# was available when this was written); ct_block trades registers against
+# recomputing the student tile once per teacher-channel block.
+GPU_TILES = dict(block_t=16, block_k=16, ct_block=16, num_warps=8)
+# Small on purpose: small test shapes then span several query, key and teacher-channel
+# blocks, exercising every cross-block reduction. Speed is irrelevant there.
+INTERPRETER_TILES = dict(block_t=8, block_k=8, ct_block=4, num_warps=4)
+
+
 @dataclass(frozen=True)
 class _Tiles:
     block_t: int
@@ -449,18 +501,16 @@ class _Tiles:
 
 
 def _tiles(problem) -> _Tiles:
-    """Tile shapes. On a GPU every dot dimension must be >= 16. In the interpreter
-    tiles are small so that small test shapes span several query, key and channel
-    blocks (exercising every cross-block reduction); there speed is irrelevant.
-    NOTE: the GPU sizes are first guesses, not tuned (no GPU was available)."""
     Cs, Ds = problem.student_q.shape[1], problem.student_q.shape[3]
     Ct, Dt = problem.teacher_q.shape[1], problem.teacher_q.shape[3]
     dot_fp32 = _interpreting() or problem.student_q.dtype == torch.float32 or problem.teacher_q.dtype == torch.float32
     p2 = triton.next_power_of_2
     if _interpreting():
-        return _Tiles(8, 8, p2(Cs), min(p2(Ct), 4), p2(Ds), p2(Dt), dot_fp32, 4)
-    return _Tiles(16, 16, max(16, p2(Cs)), max(16, min(p2(Ct), 32)), max(16, p2(Ds)), max(16, p2(Dt)),
-                  dot_fp32, 4)
+        cfg, least = INTERPRETER_TILES, 1
+    else:
+        cfg, least = GPU_TILES, 16
+    return _Tiles(cfg["block_t"], cfg["block_k"], max(least, p2(Cs)), max(least, min(p2(Ct), cfg["ct_block"])),
+                  max(least, p2(Ds)), max(least, p2(Dt)), dot_fp32, cfg["num_warps"])
 
 
 def _flags(problem):
@@ -468,12 +518,17 @@ def _flags(problem):
 
 
 def _masks(problem, fallback: torch.Tensor):
-    """int8 copies of the validity masks (Triton loads them as bytes); ``fallback``
-    stands in as an unused pointer when a mask is absent."""
+    """int8 copies of the validity masks (Triton loads them as bytes) and, for causal
+    problems with key padding, the (B, K + 1) int32 suffix counts of valid keys;
+    ``fallback`` stands in as an unused pointer for whatever is absent."""
     kv = problem.key_valid.to(torch.int8).contiguous() if problem.key_valid is not None else None
     qv = problem.query_valid.to(torch.int8).contiguous() if problem.query_valid is not None else None
+    suffix = fallback
+    if kv is not None and problem.causal:
+        counts = problem.key_valid.flip(-1).cumsum(-1, dtype=torch.int32).flip(-1)
+        suffix = torch.nn.functional.pad(counts, (0, 1)).contiguous()
     return (kv if kv is not None else fallback, kv.stride(0) if kv is not None else 0,
-            qv if qv is not None else fallback, qv.stride(0) if qv is not None else 0)
+            qv if qv is not None else fallback, qv.stride(0) if qv is not None else 0, suffix)
 
 
 def _row_lse(q, k, scale, problem, key_valid, stride_kv, tiles: _Tiles, c_block: int, block_d: int) -> torch.Tensor:
@@ -489,10 +544,10 @@ def _row_lse(q, k, scale, problem, key_valid, stride_kv, tiles: _Tiles, c_block:
     return lse
 
 
-def _common_args(problem, lse_s, lse_t, key_valid, query_valid):
+def _common_args(problem, lse_s, lse_t, key_valid, query_valid, key_suffix):
     sq, sk, tq, tk, w = problem.student_q, problem.student_k, problem.teacher_q, problem.teacher_k, problem.weight
     bias = problem.bias if problem.bias is not None else w
-    return (sq, sk, tq, tk, lse_s, lse_t, w, bias, key_valid, query_valid)
+    return (sq, sk, tq, tk, lse_s, lse_t, w, bias, key_valid, query_valid, key_suffix)
 
 
 def _common_strides(problem, stride_kv, stride_qv):
@@ -519,14 +574,14 @@ def forward(problem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     B, Cs, T, _ = sq.shape
     Ct = tq.shape[1]
     tiles = _tiles(problem)
-    key_valid, stride_kv, query_valid, stride_qv = _masks(problem, sq)
+    key_valid, stride_kv, query_valid, stride_qv, key_suffix = _masks(problem, sq)
     lse_s = _row_lse(sq, sk, problem.student_scale, problem, key_valid, stride_kv, tiles, tiles.cs_pad, tiles.block_ds)
     lse_t = _row_lse(tq, tk, problem.teacher_scale, problem, key_valid, stride_kv, tiles, tiles.ct_block, tiles.block_dt)
 
     stats = torch.empty(B, Ct, T, 4, dtype=torch.float32, device=sq.device)
     grid = (B, triton.cdiv(T, tiles.block_t), triton.cdiv(Ct, tiles.ct_block))
     _forward_stats_kernel[grid](
-        *_common_args(problem, lse_s, lse_t, key_valid, query_valid), stats,
+        *_common_args(problem, lse_s, lse_t, key_valid, query_valid, key_suffix), stats,
         *_common_strides(problem, stride_kv, stride_qv), **_common_meta(problem, tiles),
     )
     kl, shifts = _fold_stats(stats, problem.normalize == "map")
@@ -568,14 +623,14 @@ def backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
     K = sk.shape[2]
     Ct = problem.teacher_q.shape[1]
     tiles = _tiles(problem)
-    key_valid, stride_kv, query_valid, stride_qv = _masks(problem, sq)
+    key_valid, stride_kv, query_valid, stride_qv, key_suffix = _masks(problem, sq)
     nT, nK, nCtb = triton.cdiv(T, tiles.block_t), triton.cdiv(K, tiles.block_k), triton.cdiv(Ct, tiles.ct_block)
     dev, f32 = sq.device, torch.float32
 
     rowsum = torch.empty(nCtb, B, Cs, T, dtype=f32, device=dev)
     dw = torch.empty(B, nT, Ct, Cs, dtype=f32, device=dev)
     db = torch.empty(B, nT, Ct, dtype=f32, device=dev)
-    args = (*_common_args(problem, lse_s, lse_t, key_valid, query_valid), shifts,
+    args = (*_common_args(problem, lse_s, lse_t, key_valid, query_valid, key_suffix), shifts,
             grad_scale.to(device=dev, dtype=f32).reshape(1))
     strides = _common_strides(problem, stride_kv, stride_qv)
     meta = _common_meta(problem, tiles)
