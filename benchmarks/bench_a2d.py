@@ -108,7 +108,7 @@ def run(cfg: argparse.Namespace, out_dir: Path) -> dict:
     """Run every (shape, mode, dtype, contender, phase) in ``cfg``; return the results."""
     device = torch.device(cfg.device)
     started = time.time()
-    deadline = started + cfg.budget_s if cfg.budget_s else None
+    deadline = started + cfg.budget_s if cfg.budget_s is not None else None
     meta = {
         **measure.device_summary(device),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -207,32 +207,40 @@ def run_isolated(cfg: argparse.Namespace, argv: List[str], out_dir: Path) -> dic
     # compiled spends its first calls compiling (one graph per mode, dtype and
     # phase): it gets a larger share of the budget.
     weights = {n: (2.5 if n == "compiled" else 1.0) for n in names}
-    deadline = time.time() + cfg.budget_s if cfg.budget_s else None
+    deadline = time.time() + cfg.budget_s if cfg.budget_s is not None else None
     parts = []
     for i, name in enumerate(names):
         part_dir = out_dir / "parts" / name
         part_dir.mkdir(parents=True, exist_ok=True)
         args = _strip_args(argv, {"--contenders", "--out", "--budget-s"}, {"--isolate", "--no-plots"})
-        args += ["--contenders", name, "--out", str(part_dir), "--no-plots", "--table", "none", "--quiet"]
+        args += ["--contenders", name, "--out", str(part_dir), "--no-plots", "--table", "none",
+                 "--quiet", "--verbose"]
         timeout = None
         if deadline is not None:
             # Shares are recomputed as contenders finish: one that is unavailable
             # exits at once and leaves its time to the others.
             left = max(0.0, deadline - time.time())
             share = left * weights[name] / sum(weights[n] for n in names[i:])
+            if share < 5:
+                parts.append((name, None, "skipped: time budget spent before it started"))
+                continue
             args += ["--budget-s", f"{share:.0f}"]
-            timeout = share + 90  # the case running at the budget's end may finish
+            timeout = share + 60  # the case running at the budget's end may finish
         cmd = [sys.executable, str(Path(__file__).resolve()), *args]
         print(f"[isolate] {name}: {' '.join(cmd[1:])}", flush=True)
         status = None
+        log = part_dir / "log.txt"  # the child's output, tracebacks included
         try:
             proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+            log.write_text(proc.stdout + proc.stderr)
             tail = (proc.stdout + proc.stderr)[-1500:]
             if proc.returncode != 0:
                 last = tail.strip().splitlines()[-1] if tail.strip() else ""
                 status = f"error: process exited with {proc.returncode}: {last}"[:240]
-                print(f"[isolate] {name} failed (rc={proc.returncode}):\n{tail}", flush=True)
-        except subprocess.TimeoutExpired:
+                print(f"[isolate] {name} failed (rc={proc.returncode}), log {log}:\n{tail}", flush=True)
+        except subprocess.TimeoutExpired as exc:
+            out = exc.stdout or b""
+            log.write_bytes(out if isinstance(out, bytes) else out.encode())
             status = f"error: process timed out after {timeout:.0f}s"
             print(f"[isolate] {name}: {status}", flush=True)
         part_file = part_dir / "results.json"
@@ -428,6 +436,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if cfg.isolate:
             results = run_isolated(cfg, argv, out_dir)
             results["meta"]["command"] = " ".join([Path(sys.argv[0]).name, *argv])
+            results["meta"]["config"] = {k: v for k, v in vars(cfg).items() if k != "out"}
         else:
             results = run(cfg, out_dir)
         results["meta"]["cpu_threads"] = torch.get_num_threads()

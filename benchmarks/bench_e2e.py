@@ -115,7 +115,7 @@ def run(cfg: argparse.Namespace) -> dict:
     rows = []
     for label, backend in variants:
         row = {"variant": label}
-        if cfg.budget_s and time.time() - started > cfg.budget_s:
+        if cfg.budget_s is not None and time.time() - started > cfg.budget_s:
             row["status"] = "skipped: time budget"
             rows.append(row)
             continue

@@ -199,6 +199,26 @@ def _available_fused() -> dict:
         return {}
 
 
+def _bench_summary(path: Path) -> List[str]:
+    """The benchmark's compact forward+backward table and target checks, for the
+    summary printed last (the part of the output a reader sees first)."""
+    try:
+        import report
+
+        results = json.loads(path.read_text())
+    except Exception as exc:
+        return [f"  no benchmark results to summarize ({type(exc).__name__}: {exc})"]
+    records = results["records"]
+    realistic = [r for r in records if r["shape"]["name"] in ("iwslt", "wmt", "long")] or records
+    meta = results.get("meta", {})
+    bw = meta.get("copy_bytes_per_s")
+    lines = [f"device {meta.get('device_name')}, copy bandwidth {bw / 1e9:.0f} GB/s" if bw else "no copy bandwidth"]
+    lines += [f"skipped {k}: {v}" for k, v in meta.get("skipped_contenders", {}).items()]
+    lines.append(report.compact_summary(realistic))
+    lines += ["target: " + t for t in report.target_lines(records)]
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("A2D_BENCH_OUT") or os.environ.get("OUT"),
@@ -244,14 +264,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench_cmd = [sys.executable, str(HERE / "bench_a2d.py"), "--isolate", "--out", str(out / "bench"),
                  "--budget-s", f"{bench_budget:.0f}", "--warmup", "3", "--reps", "20",
                  "--target-s", "0.25", "--table", "summary"]
-    rc = _run(bench_cmd, timeout=bench_budget + 120, log=out / "bench.log", echo=True)
+    rc = _run(bench_cmd, timeout=bench_budget + 90, log=out / "bench.log", echo=True)
     summary.append(f"benchmark: rc={rc}, results in {out / 'bench'}")
+    summary.extend(_bench_summary(out / "bench" / "results.json"))
 
     if not args.skip_e2e:
         e2e_cmd = [sys.executable, str(HERE / "bench_e2e.py"), "--out", str(out / "e2e"),
                    "--budget-s", f"{max(30.0, left() - 15):.0f}"]
         rc = _run(e2e_cmd, timeout=max(45.0, left()), log=out / "e2e.log", echo=True)
         summary.append(f"e2e: rc={rc}, results in {out / 'e2e'}")
+        if (out / "e2e" / "e2e.md").exists():
+            summary.append((out / "e2e" / "e2e.md").read_text().rstrip())
 
     print("\n==== gpu_check summary ====")
     for line in summary:

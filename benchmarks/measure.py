@@ -62,10 +62,18 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def free_memory(device: torch.device) -> None:
-    """Release cached blocks so one case's peak does not shape the next case."""
+    """Release cached blocks so one case's peak does not shape the next case.
+
+    Best effort: after a kernel fault the CUDA context is unusable and this raises;
+    the fault was already recorded by the measurement that caused it, and cleanup
+    must not turn it into a crash of the whole run.
+    """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        except RuntimeError:
+            pass
 
 
 def rotation_count(bytes_per_set: int, device: torch.device, cap: int = 4) -> int:
@@ -228,7 +236,6 @@ def device_summary(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,
         "python": platform.python_version(),
-        "host": platform.node(),
     }
     try:
         import triton
