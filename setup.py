@@ -185,4 +185,5 @@ def extensions():
     return [Extension(EXT_NAME, sources=HOST_SOURCES, depends=DEPENDS + CUDA_SOURCES, language="c++")]
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildCudaExt})
+if __name__ == "__main__":  # pip's build backend runs this file as __main__; tests import it
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildCudaExt})

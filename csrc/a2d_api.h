@@ -18,6 +18,7 @@ inline std::string make_plan(const Args& a, int num_sms, int max_rows, int max_k
   if (a.B < 1 || a.T < 1 || a.K < 1 || a.Cs < 1 || a.Ct < 1)
     return "every size must be >= 1, got B=" + std::to_string(a.B) + ", T=" + std::to_string(a.T) +
            ", K=" + std::to_string(a.K) + ", Cs=" + std::to_string(a.Cs) + ", Ct=" + std::to_string(a.Ct);
+  if (a.B > 65535) return "the CUDA kernels take at most 65535 batch elements, got B=" + std::to_string(a.B);
   if (a.Cs > kMaxStudent)
     return "the CUDA kernels take at most " + std::to_string(kMaxStudent) + " student channels, got Cs=" +
            std::to_string(a.Cs);

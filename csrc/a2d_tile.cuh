@@ -341,20 +341,39 @@ A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, in
     const bool ok = i < kc_len && (!a.key_valid || a.key_valid[int64_t(b) * a.K + k0 + i]);
     sm[p.off_key_ok + i] = ok ? 1.f : 0.f;
   }
-  // Lanes walk the keys of one (row, channel) line so global reads are coalesced.
+  // Lanes walk the keys of one (row, channel) line so global reads are coalesced; each
+  // thread issues kLoadBatch independent loads before storing any, so enough bytes are
+  // in flight to cover memory latency (a load-store-load chain would not be).
+  constexpr int kLoadBatch = 8;
   const int lanes = nth >= 32 ? 32 : 1;
+  const int step = nth / lanes;
   const int n_lines = p.G * (a.Cs + a.Ct);
-  for (int line = tid / lanes; line < n_lines; line += nth / lanes) {
-    const int ch = line / p.G, g = line - ch * p.G;
-    const int t = t0 + g;
-    float* dst = ch < a.Cs ? sm + p.off_s + (g * a.Cs + ch) * p.KCP
-                           : sm + p.off_a + (g * a.Ct + (ch - a.Cs)) * p.KCP;
-    const int row = ch;  // table rows: students first, then teachers
-    const int dtype = ch < a.Cs ? a.dtype : a.t_dtype;
-    const void* base = table_ptr(a, row);
-    const int64_t off = t < a.T ? int64_t(b) * a.table[3 * row + 1] + int64_t(t) * a.table[3 * row + 2] + k0 : 0;
-    for (int kk = tid % lanes; kk < p.KCP; kk += lanes)
-      dst[kk] = (t < a.T && kk < kc_len) ? load_elem(base, off + kk, dtype) : 0.f;
+  for (int kk = tid % lanes; kk < p.KCP; kk += lanes) {
+    const bool key_in = kk < kc_len;
+    for (int first = tid / lanes; first < n_lines; first += kLoadBatch * step) {
+      float v[kLoadBatch];
+      A2D_UNROLL
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int line = first + j * step;
+        const int ch = line / p.G, t = t0 + (line - ch * p.G);
+        v[j] = 0.f;
+        if (line < n_lines && key_in && t < a.T) {
+          // table rows: students first, then teachers (same order as the channels)
+          const int64_t off = int64_t(b) * a.table[3 * ch + 1] + int64_t(t) * a.table[3 * ch + 2] + k0 + kk;
+          v[j] = load_elem(table_ptr(a, ch), off, ch < a.Cs ? a.dtype : a.t_dtype);
+        }
+      }
+      A2D_UNROLL
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int line = first + j * step;
+        if (line < n_lines) {
+          const int ch = line / p.G, g = line - ch * p.G;
+          float* dst = ch < a.Cs ? sm + p.off_s + (g * a.Cs + ch) * p.KCP
+                                 : sm + p.off_a + (g * a.Ct + (ch - a.Cs)) * p.KCP;
+          dst[kk] = v[j];
+        }
+      }
+    }
   }
 }
 
