@@ -117,7 +117,11 @@ def run(cfg: argparse.Namespace, out_dir: Path) -> dict:
         "reduction": "sum",
         "config": {k: v for k, v in vars(cfg).items() if k not in ("out",)},
     }
-    meta["copy_bytes_per_s"] = measure.copy_bandwidth(device)
+    try:
+        meta["copy_bytes_per_s"] = measure.copy_bandwidth(device)
+    except Exception as exc:  # without it only the x floor column is lost
+        meta["copy_bytes_per_s"] = None
+        meta["copy_bandwidth_error"] = _error_status(exc)
 
     chosen = contenders_mod.select(cfg.contenders.split(","))
     skipped: Dict[str, str] = {}
@@ -143,7 +147,7 @@ def run(cfg: argparse.Namespace, out_dir: Path) -> dict:
     phases = [p for p in cases.PHASES if p in cfg.phases.split(",")]
     builds: Dict = {}
 
-    for shape, on_sweep in plan_shapes(cfg):
+    for shape, on_sweep in (plan_shapes(cfg) if active else []):
         for mode in modes:
             for dtype_name in dtypes:
                 dtype = cases.DTYPES[dtype_name]

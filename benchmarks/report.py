@@ -148,7 +148,7 @@ def compact_summary(records: List[dict], phase: str = "forward+backward") -> str
             elif n == "eager":
                 cells.append(f"{r['median_ms']:.3f} [{_fmt(r.get('x_floor'), '.1f')}]")
             else:
-                cells.append(f"{r['median_ms']:.3f} [{_fmt(r.get('x_eager'), '.1f')}x, "
+                cells.append(f"{r['median_ms']:.3f} [{_fmt(r.get('x_eager'), '.3g')}x, "
                              f"{_fmt(r.get('x_floor'), '.2f')}, {_fmt(r.get('memory_vs_eager'), '.3f')}]")
         lines.append(f"| {shape} | {mode} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
