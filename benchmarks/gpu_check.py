@@ -134,10 +134,15 @@ def check_backend(backend: str, out_dir: Path, device: str = "cuda", shapes=None
         except Exception as exc:
             row["pass"] = False
             row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:  # the context died with the failure recorded above
+                pass
         rows.append(row)
         print(_check_line(row), flush=True)
-    (out_dir / f"check_{backend}.json").write_text(json.dumps(rows, indent=1))
+        # Written after every case: a step killed at its timeout keeps what it checked.
+        (out_dir / f"check_{backend}.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 
