@@ -79,6 +79,9 @@ PRESETS: Dict[str, ModelConfig] = {
     # CPU-sized versions with the same 2:1 depth ratio, for the demo and the tests.
     "tiny-teacher": ModelConfig(encoder_layers=4, decoder_layers=4, heads=4, d_model=128, ffn=256, dropout=0.1),
     "tiny-student": ModelConfig(encoder_layers=2, decoder_layers=2, heads=4, d_model=128, ffn=256, dropout=0.1),
+    # Smallest sensible shapes, for unit tests and smoke runs (seconds on a CPU).
+    "micro-teacher": ModelConfig(encoder_layers=2, decoder_layers=2, heads=2, d_model=32, ffn=64, dropout=0.1),
+    "micro-student": ModelConfig(encoder_layers=1, decoder_layers=1, heads=2, d_model=32, ffn=64, dropout=0.1),
 }
 
 
@@ -145,8 +148,9 @@ class Attention(nn.Module):
                 key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False,
                 need_probs: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         scores = self.scores(query, key_value, key_padding_mask, causal)
-        # The softmax runs in fp32 even under bf16 autocast; the maps come back in that dtype.
-        probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        # Low-precision scores (bf16 autocast) get an fp32 softmax; the maps keep the scores' dtype.
+        acc = torch.float32 if scores.element_size() < 4 else scores.dtype
+        probs = torch.softmax(scores, dim=-1, dtype=acc).to(scores.dtype)
         v = self._split(self.v_proj(key_value))
         out = self.dropout(probs) @ v
         b, _, t, _ = out.shape

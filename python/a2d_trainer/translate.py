@@ -90,13 +90,15 @@ def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, src_padding_mask: 
         prefix = tokens.tolist()
         for i in range(b):
             keep = []
-            for score, idx in zip(top_scores[i], top_idx[i]):
+            for rank, (score, idx) in enumerate(zip(top_scores[i], top_idx[i])):
                 if score == float("-inf"):
                     break
                 origin, tok = divmod(idx, vocab)
                 row = i * beam + origin
                 if tok == eos_id:
-                    if active[i] and len(finished[i]) < beam:
+                    # Only an EOS among the best `beam` candidates ends a hypothesis (as in
+                    # fairseq): so beam=1 is exactly greedy search.
+                    if rank < beam and active[i] and len(finished[i]) < beam:
                         hyp = prefix[row][1:]
                         finished[i].append((score / (len(hyp) + 1) ** length_penalty, hyp))
                 elif len(keep) < beam:
