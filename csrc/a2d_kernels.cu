@@ -191,7 +191,7 @@ int cuda_driver_version() {
 std::string cuda_device_problem(int device) {
   const int driver = cuda_driver_version(), runtime = cuda_runtime_version();
   if (driver == 0) return "no CUDA driver found";
-  if (driver < runtime)
+  if (driver / 1000 < runtime / 1000)  // same major: minor-version compatibility applies
     return "the NVIDIA driver is too old: it supports CUDA " + std::to_string(driver / 1000) + "." +
            std::to_string(driver % 1000 / 10) + ", the extension was built with CUDA " +
            std::to_string(runtime / 1000) + "." + std::to_string(runtime % 1000 / 10);

@@ -513,25 +513,25 @@ A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, int c, int 
 }
 
 // Backward: dS[k, kk] = sum_c W[c, k] * dZ[c, kk] for every (k, g) line of the tile,
-// written over the student tile (whose values were consumed by backward_thread).
+// written over the student tile (whose values were consumed by backward_thread). One
+// work item is 4 keys of one line, so every thread of the block has work.
 A2D_HD void backward_ds(const Args& a, const Plan& p, float* sm, int kc_len, int tid, int nth) {
   const float* W = sm + p.off_w;
-  for (int line = tid; line < a.Cs * p.G; line += nth) {
+  const int quads = (kc_len + 3) / 4;
+  for (int item = tid; item < a.Cs * p.G * quads; item += nth) {
+    const int line = item / quads, kk = 4 * (item - line * quads);
     const int g = line / a.Cs, k = line - g * a.Cs;
     const float* dz_rows = sm + p.off_a + g * a.Ct * p.KCP;
-    float* out = sm + p.off_s + (g * a.Cs + k) * p.KCP;
-    for (int kk = 0; kk < kc_len; kk += 4) {
-      float ds[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int c = 0; c < a.Ct; ++c) {
-        const float wck = W[c * a.Cs + k];
-        const F4 d = load4(dz_rows + c * p.KCP + kk);
-        ds[0] = fmaf(wck, d.x, ds[0]);
-        ds[1] = fmaf(wck, d.y, ds[1]);
-        ds[2] = fmaf(wck, d.z, ds[2]);
-        ds[3] = fmaf(wck, d.w, ds[3]);
-      }
-      store4(out + kk, ds);
+    float ds[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c = 0; c < a.Ct; ++c) {
+      const float wck = W[c * a.Cs + k];
+      const F4 d = load4(dz_rows + c * p.KCP + kk);
+      ds[0] = fmaf(wck, d.x, ds[0]);
+      ds[1] = fmaf(wck, d.y, ds[1]);
+      ds[2] = fmaf(wck, d.z, ds[2]);
+      ds[3] = fmaf(wck, d.w, ds[3]);
     }
+    store4(sm + p.off_s + (g * a.Cs + k) * p.KCP + kk, ds);
   }
 }
 
