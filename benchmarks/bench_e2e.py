@@ -18,6 +18,7 @@ models and optimizer state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import sys
@@ -62,7 +63,8 @@ class DistillStep:
     def __call__(self, _=None) -> torch.Tensor:
         need_attn = self.distiller is not None
         device_type = self.src.device.type
-        with torch.autocast(device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        amp = torch.autocast(device_type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+        with amp:
             with torch.no_grad():
                 t_logits, t_attn = self.teacher(self.src, self.tgt_in, need_attn=need_attn)
             s_logits, s_attn = self.student(self.src, self.tgt_in, need_attn=need_attn)
