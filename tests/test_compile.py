@@ -12,7 +12,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from a2d_kernels import A2DLoss, a2d_kl, make_problem
-from a2d_kernels.custom_ops import REFERENCE_KERNELS, ReferenceKernels, a2d_kl_bwd, a2d_kl_fwd, fused_a2d_kl
+from a2d_kernels.custom_ops import (REFERENCE_KERNELS, ReferenceKernels, a2d_kl_bwd, a2d_kl_fwd, fused_a2d_kl,
+                                    op_a2d_kl)
 from a2d_kernels.distill import A2DDistiller
 from a2d_kernels.reference import a2d_kl_reference
 
@@ -26,9 +27,15 @@ B, T, K = 2, 3, 5
 STUDENT_HEADS, TEACHER_HEADS = (2, 3), (4,)
 
 
-def _inputs(device="cpu", dtype=torch.float32, T=T, K=K):
+def _inputs(device="cpu", dtype=torch.float32, T=T, K=K, permuted=False):
+    """Maps and padding masks; ``permuted``: student layer 0 is (B, T, H, K) memory seen as
+    (B, H, T, K), a dense but non-contiguous layout the gradients must keep."""
     student = [torch.randn(B, h, T, K, device=device, dtype=dtype).softmax(-1).requires_grad_()
                for h in STUDENT_HEADS]
+    if permuted:
+        h = STUDENT_HEADS[0]
+        student[0] = torch.randn(B, T, h, K, device=device, dtype=dtype).softmax(-1).transpose(1, 2)
+        student[0] = student[0].detach().requires_grad_()
     teacher = [torch.randn(B, h, T, K, device=device, dtype=dtype).softmax(-1) for h in TEACHER_HEADS]
     key_pad = torch.zeros(B, K, dtype=torch.bool, device=device)
     key_pad[0, -2:] = True
@@ -37,9 +44,11 @@ def _inputs(device="cpu", dtype=torch.float32, T=T, K=K):
     return student, teacher, key_pad, query_pad
 
 
-def _params(dtype=torch.float32, device="cpu"):
+def _params(dtype=torch.float32, device="cpu", transposed=False):
     Ct, Cs = sum(TEACHER_HEADS), sum(STUDENT_HEADS)
     weight = torch.randn(Ct, Cs, dtype=dtype, device=device, requires_grad=True)
+    if transposed:
+        weight = torch.randn(Cs, Ct, dtype=dtype, device=device).t().requires_grad_()
     bias = torch.randn(Ct, dtype=dtype, device=device, requires_grad=True)
     return weight, bias
 
@@ -115,11 +124,20 @@ def test_distiller_step_compiles_to_one_graph_equal_to_eager():
 # ----------------------------------------------------------------------------- custom ops
 
 
+# The two ways a KernelBackend runs: the custom ops (what torch.compile records) and the
+# eager autograd.Function (what fused_a2d_kl uses outside compile).
+PATHS = {
+    "ops": lambda problem: op_a2d_kl(REFERENCE_KERNELS.name, problem),
+    "eager": lambda problem: fused_a2d_kl(REFERENCE_KERNELS, problem),
+}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("normalize", ["map", "row"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_custom_op_path_matches_the_oracle_in_eager(normalize, reduction, masked):
-    """The ops' autograd wiring and ReferenceKernels' closed-form backward vs autograd of the oracle."""
+def test_kernel_paths_match_the_oracle_in_eager(path, normalize, reduction, masked):
+    """Both paths' autograd wiring and ReferenceKernels' closed-form backward vs autograd of the oracle."""
     student, teacher, key_pad, query_pad = _inputs()
     weight, bias = _params()
     masks = dict(key_padding_mask=key_pad, query_mask=query_pad) if masked else {}
@@ -127,26 +145,28 @@ def test_custom_op_path_matches_the_oracle_in_eager(normalize, reduction, masked
     wrt = [*student, weight, bias]
     want = a2d_kl_reference(problem)
     want_grads = torch.autograd.grad(want * 1.7, wrt)
-    got = fused_a2d_kl(REFERENCE_KERNELS, problem)
+    got = PATHS[path](problem)
     got_grads = torch.autograd.grad(got * 1.7, wrt)
     _assert_same(got, want, rtol=1e-6, atol=0)
     _assert_same(got_grads, want_grads, rtol=1e-5, atol=1e-6)
 
 
-def test_custom_op_without_student_grad_returns_only_weight_grads():
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_kernel_paths_without_student_grad_give_weight_grads(path):
     student, teacher, key_pad, _ = _inputs()
     student = [s.detach() for s in student]
     weight, _ = _params()
     problem = make_problem(student, teacher, weight, None, normalize="row", key_padding_mask=key_pad)
-    (got,) = torch.autograd.grad(fused_a2d_kl(REFERENCE_KERNELS, problem), [weight])
+    (got,) = torch.autograd.grad(PATHS[path](problem), [weight])
     (want,) = torch.autograd.grad(a2d_kl_reference(problem), [weight])
     _assert_same(got, want)
 
 
-@pytest.mark.parametrize("normalize,with_bias,masked", [("map", True, True), ("row", False, False)])
-def test_opcheck_custom_ops_with_the_cpu_kernel(normalize, with_bias, masked):
-    student, teacher, key_pad, query_pad = _inputs()
-    weight, bias = _params()
+@pytest.mark.parametrize("normalize,with_bias,masked,strided",
+                         [("map", True, True, False), ("row", False, False, True)])
+def test_opcheck_custom_ops_with_the_cpu_kernel(normalize, with_bias, masked, strided):
+    student, teacher, key_pad, query_pad = _inputs(permuted=strided)
+    weight, bias = _params(transposed=strided)
     bias = bias if with_bias else None
     key_valid, query_valid = (~key_pad, ~query_pad) if masked else (None, None)
     torch.library.opcheck(a2d_kl_fwd, ("reference", student, teacher, weight, bias, key_valid, query_valid,
@@ -163,7 +183,7 @@ def test_custom_op_step_compiles_to_one_graph_holding_the_op():
     def step(student, teacher, weight, bias, key_pad, query_pad):
         problem = make_problem(student, teacher, weight, bias, normalize="map", reduction="sum",
                                key_padding_mask=key_pad, query_mask=query_pad)
-        loss = fused_a2d_kl(REFERENCE_KERNELS, problem)
+        loss = fused_a2d_kl(REFERENCE_KERNELS, problem)  # the ops, since this is compiling
         return loss.detach(), torch.autograd.grad(loss, [*student, weight, bias])
 
     args = (student, teacher, weight, bias, key_pad, query_pad)
@@ -216,8 +236,8 @@ def test_fused_backend_saved_specs_and_opcheck(name):
     """Fake vs real kernel metadata (shapes, strides, dtypes) for every fused backend that runs here."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = _fused_backend_or_skip(name, device)
-    student, teacher, key_pad, query_pad = _inputs(device)
-    weight, bias = _params(device=device)
+    student, teacher, key_pad, query_pad = _inputs(device, permuted=True)
+    weight, bias = _params(device=device, transposed=True)
     for normalize in ("map", "row"):
         problem = make_problem(student, teacher, weight, bias, normalize=normalize,
                                key_padding_mask=key_pad, query_mask=query_pad)
@@ -226,6 +246,9 @@ def test_fused_backend_saved_specs_and_opcheck(name):
             [(tuple(shape), dtype) for shape, dtype in backend.saved_specs(problem)]
         torch.library.opcheck(a2d_kl_fwd, (name, student, teacher, weight, bias, ~key_pad, ~query_pad,
                                            normalize, "sum"))
+        torch.library.opcheck(a2d_kl_bwd, (name, torch.tensor(1.3, device=device), [s.detach() for s in student],
+                                           teacher, weight.detach(), bias.detach(), ~key_pad, ~query_pad,
+                                           list(saved), normalize, "sum", True))
 
 
 @requires_gpu

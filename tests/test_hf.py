@@ -95,6 +95,25 @@ def test_forward_hf_combines_masked_per_kind_losses(models, normalize):
     student.zero_grad(set_to_none=True)
 
 
+def test_forward_hf_compiles_without_graph_breaks(models):
+    """Hugging Face outputs go straight into a fullgraph-compiled forward_hf."""
+    teacher, student = models
+    batch = _batch()
+    distiller = A2DDistiller.from_hf_configs(student.config, teacher.config, backend="reference")
+    with torch.no_grad():
+        t_out = teacher(**batch, output_attentions=True)
+        s_out = student(**batch, output_attentions=True)
+    masks = dict(attention_mask=batch["attention_mask"], decoder_attention_mask=batch["decoder_attention_mask"])
+    torch._dynamo.reset()
+    # aot_eager: Dynamo and AOTAutograd trace as with Inductor, without its slow CPU codegen.
+    compiled = torch.compile(distiller.forward_hf, fullgraph=True, backend="aot_eager")
+    got = compiled(s_out, t_out, epoch=2, **masks)
+    want = distiller.forward_hf(s_out, t_out, epoch=2, **masks)
+    torch.testing.assert_close(got.total, want.total, rtol=1e-6, atol=0)
+    for kind in want.parts:
+        torch.testing.assert_close(got.parts[kind], want.parts[kind], rtol=1e-6, atol=0)
+
+
 def test_forward_hf_without_attention_maps_says_how_to_get_them(models):
     teacher, student = models
     batch = _batch()
