@@ -24,7 +24,12 @@ tensor when there is a bias, none otherwise (a custom op cannot return ``Tensor?
 The fake implementations allocate exactly what the real ones return. The statistics
 differ per backend, so each backend describes them with
 ``saved_specs(problem) -> sequence of (shape, dtype)`` (contiguous, on the problem's
-device), one entry per tensor its ``forward`` returns in ``saved``.
+device), one entry per tensor its ``forward`` returns in ``saved``. Gradients are laid
+out like their inputs (``torch.empty_like``); the real op copies any that a backend
+returned in another layout, so compiled code can trust the fake's strides.
+
+Only compiled code goes through the ops: in eager mode :func:`fused_a2d_kl` calls the
+same backend methods through ``autograd.FusedA2DKL``, which costs far less Python time.
 
 ``backend`` names a registered kernel backend, or ``"reference"``: the pure-PyTorch
 oracle behind the same contract (:data:`REFERENCE_KERNELS`), the CPU kernel of the ops
@@ -36,7 +41,7 @@ Triton: the ops stay opaque to Inductor rather than using ``triton_op`` +
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
