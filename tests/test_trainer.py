@@ -343,7 +343,7 @@ def test_bad_data_is_reported_before_any_output(tmp_path):
     write_split(data, "valid", toy_pairs(3, 1))
     (data / "train.tgt").write_text("eins\nzwei\n", encoding="utf-8")
     run = tmp_path / "run"
-    args = ["train-teacher", "--data", str(data), "--run", str(run), "--preset", "micro-teacher",
+    args = ["train-teacher", "--data", str(data), "--run-dir", str(run), "--preset", "micro-teacher",
             "--max-steps", "1", "--no-progress"]
     assert main(args) == 2
     assert not run.exists()
@@ -395,9 +395,9 @@ def test_end_to_end_from_a_generated_mo_catalog(tmp_path):
     data = str(tmp_path / "data")
     common = ["--data", data, "--max-steps", "3", "--max-tokens", "400", "--vocab-size", "60", "--no-progress",
               "--warmup-updates", "2"]
-    assert main(["train-teacher", "--run", str(tmp_path / "teacher"), "--preset", "micro-teacher", *common]) == 0
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "teacher"), "--preset", "micro-teacher", *common]) == 0
     teacher = str(tmp_path / "teacher" / "checkpoint_best.pt")
-    assert main(["distill", "--run", str(tmp_path / "a2d"), "--teacher", teacher, "--teacher-preset",
+    assert main(["distill", "--run-dir", str(tmp_path / "a2d"), "--teacher", teacher, "--teacher-preset",
                  "micro-teacher", "--preset", "micro-student", "--kd", "a2d", "--no-decoder-self", *common]) == 0
     log = [json.loads(line) for line in (tmp_path / "a2d" / "log.jsonl").read_text().splitlines()]
     train_records = [r for r in log if r["kind"] == "train"]

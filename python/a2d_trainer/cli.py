@@ -1,8 +1,8 @@
 """``a2d-train``: build the corpus, train a teacher, distill a student, translate, evaluate.
 
     a2d-train corpus --out data/                         # en->de pairs from installed .mo catalogs
-    a2d-train train-teacher --data data/ --run runs/teacher --preset tiny-teacher --max-epochs 20
-    a2d-train distill --data data/ --run runs/a2d --teacher runs/teacher/checkpoint_best.pt \\
+    a2d-train train-teacher --data data/ --run-dir runs/teacher --preset tiny-teacher --max-epochs 20
+    a2d-train distill --data data/ --run-dir runs/a2d --teacher runs/teacher/checkpoint_best.pt \\
         --preset tiny-student --kd a2d                   # or --kd word / --kd none
     a2d-train evaluate --checkpoint runs/a2d/checkpoint_best.pt --data data/ --beam 5
     a2d-train translate --checkpoint runs/a2d/checkpoint_best.pt --input in.txt --output out.txt
@@ -23,7 +23,7 @@ from .model import PRESETS
 
 def _add_training_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--data", required=True, help="folder with {train,valid}.{src,tgt}")
-    p.add_argument("--run", required=True, help="output folder: checkpoints, log.jsonl, plot, tokenizer")
+    p.add_argument("--run-dir", required=True, help="output folder: checkpoints, log.jsonl, plot, tokenizer")
     p.add_argument("--preset", default=preset, choices=sorted(PRESETS))
     p.add_argument("--tokenizer", help="sentencepiece .model to use instead of training one / the teacher's")
     p.add_argument("--vocab-size", type=int, default=4000, help="pieces, when a tokenizer is trained")
@@ -52,7 +52,7 @@ def _training_config(args, **extra):
     from .train import TrainConfig
 
     return TrainConfig(
-        data_dir=args.data, run_dir=args.run, preset=args.preset, tokenizer=args.tokenizer,
+        data_dir=args.data, run_dir=args.run_dir, preset=args.preset, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, max_len=args.max_len, max_tokens=args.max_tokens,
         update_freq=args.update_freq, lr=args.lr, warmup_updates=args.warmup_updates,
         weight_decay=args.weight_decay, clip_norm=args.clip_norm, label_smoothing=args.label_smoothing,
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, tiny presets")
-    p.add_argument("--run", default="runs/demo", help="output folder")
+    p.add_argument("--run-dir", default="runs/demo", help="output folder")
     p.add_argument("--minutes", type=float, default=13.0, help="training time budget of all stages together")
     p.add_argument("--target-lang", default="de")
     p.add_argument("--beam", type=int, default=4)
@@ -170,7 +170,7 @@ def run(args) -> int:
     elif args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.run, minutes=args.minutes, target_lang=args.target_lang, beam=args.beam, seed=args.seed,
+        run_demo(args.run_dir, minutes=args.minutes, target_lang=args.target_lang, beam=args.beam, seed=args.seed,
                  device=_device(args.device))
     return 0
 
