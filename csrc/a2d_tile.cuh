@@ -50,6 +50,14 @@ constexpr int kMaxStudent = 64;        // Cs limit (row of the mixing matrix in 
 constexpr int kSmemFloats = 12 * 1024; // 48 KiB: no opt-in needed on any architecture
 constexpr int kMapFields = 5;          // floats per MapStats in the partial buffers
 
+// Logits are handled in base 2 inside the kernels: the mixing row and bias are scaled
+// by log2(e) once (so z2 = z * log2(e) costs nothing) and teacher logits are scaled on
+// load, so every exponential is one exp2f (a single MUFU.EX2 on the GPU) instead of
+// expf's extra range reduction. Statistics and saved log-sum-exps are in base-2 units;
+// only the KL itself is converted back to nats.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
 // Everything a launch needs, as plain integers and pointers (no libtorch types).
 struct Args {
   int B, T, K, Cs, Ct;
@@ -65,8 +73,9 @@ struct Args {
   const void* bias;               // (Ct,) or null
   const unsigned char* key_valid;   // (B, K) bool, true = takes part; or null
   const unsigned char* query_valid; // (B, T) bool; or null
-  // forward outputs: kl (B, Ct); map: stat0 = lse(Z), stat1 = lse(A), both (B, Ct);
-  // row: stat0 = lse(Z row), stat1 = teacher row mass P, both (B, Ct, T).
+  // forward outputs: kl (B, Ct) in nats; map: stat0 / stat1 = base-2 log-sum-exp of
+  // Z / A over the map, (B, Ct); row: stat0 = base-2 log-sum-exp of the Z row, stat1 =
+  // the teacher row's mass P over valid keys, (B, Ct, T).
   float* kl;
   float* stat0;
   float* stat1;
@@ -210,9 +219,10 @@ A2D_HD void store4(float* p, const float v[4]) {
 // ---------------------------------------------------------------------------------
 // Running statistics.
 //
-// "map" mode, one (b, c) map: with running maxima mz, ma,
-//   sz = sum exp(z - mz), sa = sum exp(a - ma), u = sum exp(a - ma) * ((a - ma) - (z - mz)),
-// so KL = u / sa - log(sa) + log(sz). u is kept relative to the maxima (rather than
+// "map" mode, one (b, c) map, logits in base 2 (z2 = z log2 e, a2 = a log2 e): with
+// running maxima mz, ma of z2, a2,
+//   sz = sum 2^(z2 - mz), sa = sum 2^(a2 - ma), u = sum 2^(a2 - ma) * ((a2 - ma) - (z2 - mz)),
+// so KL = ln2 * u / sa + ln(sz / sa). u is kept relative to the maxima (rather than
 // accumulating a - z and subtracting log-sum-exps at the end) so that a large common
 // shift of the logits (a big bias) does not cancel catastrophically.
 struct MapStats {
@@ -229,8 +239,8 @@ A2D_HD MapStats map_merge(const MapStats& x, const MapStats& y) {
   MapStats r;
   r.mz = fmaxf(x.mz, y.mz);
   r.ma = fmaxf(x.ma, y.ma);
-  r.sz = x.sz * expf(x.mz - r.mz) + y.sz * expf(y.mz - r.mz);
-  const float fx = expf(x.ma - r.ma), fy = expf(y.ma - r.ma);
+  r.sz = x.sz * exp2f(x.mz - r.mz) + y.sz * exp2f(y.mz - r.mz);
+  const float fx = exp2f(x.ma - r.ma), fy = exp2f(y.ma - r.ma);
   r.sa = x.sa * fx + y.sa * fy;
   // Re-base each u on the new maxima: (a - ma') = (a - ma) - dA, (z - mz') = (z - mz) - dZ.
   r.u = fx * (x.u + ((r.mz - x.mz) - (r.ma - x.ma)) * x.sa) +
@@ -250,15 +260,15 @@ A2D_HD void map_add4(MapStats& s, const float z[4], const float a[4], const bool
   }
   if (!(ok[0] || ok[1] || ok[2] || ok[3])) return;
   const float mz = fmaxf(s.mz, zmax), ma = fmaxf(s.ma, amax);
-  const float rz = expf(s.mz - mz), ra = expf(s.ma - ma);  // 0 for an empty s
+  const float rz = exp2f(s.mz - mz), ra = exp2f(s.ma - ma);  // 0 for an empty s
   float sz = s.sz * rz, sa = s.sa * ra;
   float u = s.sz == 0.f ? 0.f : ra * (s.u + ((mz - s.mz) - (ma - s.ma)) * s.sa);
   A2D_UNROLL
   for (int j = 0; j < 4; ++j) {
     if (ok[j]) {
       const float za = z[j] - mz, aa = a[j] - ma;
-      const float ea = expf(aa);
-      sz += expf(za);
+      const float ea = exp2f(aa);
+      sz += exp2f(za);
       sa += ea;
       u += ea * (aa - za);
     }
@@ -268,15 +278,16 @@ A2D_HD void map_add4(MapStats& s, const float z[4], const float a[4], const bool
 
 A2D_HD float map_kl(const MapStats& s) {
   // log(sz / sa), not log(sz) - log(sa): both logs are ~log(T*K) and would cancel.
-  return s.sz == 0.f ? 0.f : s.u / s.sa + logf(s.sz / s.sa);
+  return s.sz == 0.f ? 0.f : kLn2 * s.u / s.sa + logf(s.sz / s.sa);
 }
-A2D_HD float map_lse_z(const MapStats& s) { return s.sz == 0.f ? 0.f : s.mz + logf(s.sz); }
-A2D_HD float map_lse_a(const MapStats& s) { return s.sz == 0.f ? 0.f : s.ma + logf(s.sa); }
+// Base-2 log-sum-exps of z2 and a2 (what backward needs; saved, never shown to users).
+A2D_HD float map_lse_z(const MapStats& s) { return s.sz == 0.f ? 0.f : s.mz + log2f(s.sz); }
+A2D_HD float map_lse_a(const MapStats& s) { return s.sz == 0.f ? 0.f : s.ma + log2f(s.sa); }
 
 // "row" mode, one (b, c, t) row over its valid keys, teacher row a used as given
-// probabilities: m, s = running max / sum exp(z - m); pa = sum a; palogp = sum a log a
-// (0 log 0 = 0); pz = sum a * (z - m). Then
-//   KL = palogp - sum a * (z - lse) = palogp - pz + log(s) * pa.
+// probabilities, student logits in base 2 (z2): m, s = running max / sum 2^(z2 - m);
+// pa = sum a; palogp = sum a ln a (0 ln 0 = 0); pz = sum a * (z2 - m). Then
+//   KL = palogp - sum a * (z - lse) = palogp - ln2 * pz + ln(s) * pa.
 struct RowStats {
   float m, s, pa, palogp, pz;
 };
@@ -292,13 +303,13 @@ A2D_HD void row_add4(RowStats& r, const float z[4], const float a[4], const bool
     if (ok[j]) zmax = fmaxf(zmax, z[j]);
   if (!(ok[0] || ok[1] || ok[2] || ok[3])) return;
   const float m = fmaxf(r.m, zmax);
-  float s = r.s * expf(r.m - m);
+  float s = r.s * exp2f(r.m - m);
   float pz = r.pa == 0.f ? r.pz : r.pz - (m - r.m) * r.pa;  // re-base on the new max
   float pa = r.pa, palogp = r.palogp;
   A2D_UNROLL
   for (int j = 0; j < 4; ++j) {
     if (ok[j]) {
-      s += expf(z[j] - m);
+      s += exp2f(z[j] - m);
       pa += a[j];
       palogp += xlogx(a[j]);
       pz += a[j] * (z[j] - m);
@@ -308,9 +319,9 @@ A2D_HD void row_add4(RowStats& r, const float z[4], const float a[4], const bool
 }
 
 A2D_HD float row_kl(const RowStats& r) {
-  return r.s == 0.f ? 0.f : r.palogp - r.pz + logf(r.s) * r.pa;
+  return r.s == 0.f ? 0.f : r.palogp - kLn2 * r.pz + logf(r.s) * r.pa;
 }
-A2D_HD float row_lse(const RowStats& r) { return r.s == 0.f ? 0.f : r.m + logf(r.s); }
+A2D_HD float row_lse(const RowStats& r) { return r.s == 0.f ? 0.f : r.m + log2f(r.s); }  // base 2
 
 // ---------------------------------------------------------------------------------
 // Tile phases. Cooperative phases take (tid, nthreads) and stride over their work; the
@@ -377,12 +388,15 @@ A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, in
   }
 }
 
-// Row c of the mixing matrix into registers (zero past Cs).
+// Row c of the mixing matrix into registers, times log2(e) (zero past Cs), and the
+// matching base-2 bias: mixing with them gives z2 = z * log2(e) directly.
 template <int CS_MAX>
 A2D_HD void thread_weights(const Args& a, const Plan& p, const float* sm, int c, float (&w)[CS_MAX]) {
   A2D_UNROLL
-  for (int k = 0; k < CS_MAX; ++k) w[k] = k < a.Cs ? sm[p.off_w + c * a.Cs + k] : 0.f;
+  for (int k = 0; k < CS_MAX; ++k) w[k] = k < a.Cs ? sm[p.off_w + c * a.Cs + k] * kLog2e : 0.f;
 }
+
+A2D_HD float thread_bias2(const Plan& p, const float* sm, int c) { return sm[p.off_bias + c] * kLog2e; }
 
 // z[j] = bias + sum_k w[k] * S[k, kk + j], j < 4, accumulated in k order with fmaf
 // (the same order and rounding on the host and the device).
@@ -410,12 +424,14 @@ A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, int c,
   const float* s_rows = sm + p.off_s + g * a.Cs * p.KCP;
   const float* a_row = sm + p.off_a + (g * a.Ct + c) * p.KCP;
   const float* key_ok = sm + p.off_key_ok;
-  const float bias = sm[p.off_bias + c];
+  const float bias = thread_bias2(p, sm, c);
+  // map: the teacher values are logits too, so they go to base 2; row: probabilities.
+  const float a_scale = a.mode == kMap ? kLog2e : 1.f;
   for (int kk = 0; kk < kc_len; kk += 4) {
     float z[4];
     mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, bias, z);
     const F4 a4 = load4(a_row + kk);
-    const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+    const float av[4] = {a4.x * a_scale, a4.y * a_scale, a4.z * a_scale, a4.w * a_scale};
     const bool ok[4] = {key_ok[kk] != 0.f, key_ok[kk + 1] != 0.f, key_ok[kk + 2] != 0.f,
                         key_ok[kk + 3] != 0.f};
     if (a.mode == kMap) map_add4(ms, z, av, ok);
@@ -474,8 +490,9 @@ A2D_HD void row_finish(const Args& a, int i) {
 
 // Backward, thread (c, g): dZ for this tile's entries of row g, channel c, written over
 // the teacher tile (only this thread reads that line), and folded into d_weight / d_bias.
-//   map: dZ = g * (exp(z - lseZ) - exp(a - lseA));  row: dZ = g * (exp(z - lse) * P - a);
-// zero where the entry does not take part.
+//   map: dZ = g * (q - p) = g * (2^(z2 - lseZ2) - 2^(a2 - lseA2));
+//   row: dZ = g * (q * P - a) = g * (2^(z2 - lse2) * P - a);
+// zero where the entry does not take part (stat0 / stat1: the saved base-2 statistics).
 template <int CS_MAX>
 A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, int c, int g, const float (&w)[CS_MAX],
                             int kc_len, float gscale, float stat0, float stat1, float (&dw)[CS_MAX],
@@ -484,7 +501,7 @@ A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, int c, int 
   float* a_row = sm + p.off_a + (g * a.Ct + c) * p.KCP;
   const float* key_ok = sm + p.off_key_ok;
   const bool row_ok = sm[p.off_row_ok + g] != 0.f;
-  const float bias = sm[p.off_bias + c];
+  const float bias = thread_bias2(p, sm, c);
   for (int kk = 0; kk < kc_len; kk += 4) {
     float dz[4] = {0.f, 0.f, 0.f, 0.f};
     if (row_ok) {
@@ -495,8 +512,8 @@ A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, int c, int 
       A2D_UNROLL
       for (int j = 0; j < 4; ++j) {
         if (key_ok[kk + j] != 0.f) {
-          dz[j] = a.mode == kMap ? gscale * (expf(z[j] - stat0) - expf(av[j] - stat1))
-                                 : gscale * (expf(z[j] - stat0) * stat1 - av[j]);
+          dz[j] = a.mode == kMap ? gscale * (exp2f(z[j] - stat0) - exp2f(fmaf(av[j], kLog2e, -stat1)))
+                                 : gscale * (exp2f(z[j] - stat0) * stat1 - av[j]);
         }
       }
     }

@@ -210,10 +210,13 @@ def test_limits_are_reported():
         _C.plan(dict(B=1, T=1, K=1, Cs=1, Ct=3, dtype=0))
 
 
-def test_availability_is_explained():
+def test_availability_is_explained(monkeypatch):
     assert cuda_a2d.BACKEND.unavailable_reason(torch.device("cpu")) == "not a CUDA device (cpu)"
     report = backends(torch.device("cpu"))["cuda"]
     assert report["available"] is False and "not a CUDA device" in report["reason"]
+    monkeypatch.setattr(cuda_a2d, "_C", None)
+    monkeypatch.setattr(cuda_a2d, "_IMPORT_ERROR", "No module named 'a2d_kernels._C'")
+    assert cuda_a2d.BACKEND.unavailable_reason(torch.device("cuda")).startswith("CUDA extension not built: ")
 
 
 # ----------------------------------------------------------------------------- GPU
