@@ -34,7 +34,15 @@ class KernelBackend(Protocol):
     read on the device, never with ``.item()``. ``d_student`` is a list with one tensor
     per student layer (shape and dtype of that layer) or None entries when
     ``need_student_grad`` is False; ``d_weight`` has the weight's shape and dtype,
-    ``d_bias`` the bias's (None when the problem has no bias).
+    ``d_bias`` the bias's (None when the problem has no bias). Every returned tensor is
+    freshly allocated (never an input, a view of one, or a view of another output).
+
+    ``saved_specs(problem) -> tuple of (shape, dtype)``: one entry per tensor that
+    ``forward`` returns in ``saved``, computed from shapes only. ``torch.compile`` traces
+    the kernels' custom ops (``a2d_kernels.custom_ops``) with fake tensors allocated
+    from it, so it must match ``forward`` exactly (the tests check it with opcheck).
+    ``unavailable_reason``/``unsupported_reason`` may only look at devices, shapes and
+    dtypes: Dynamo traces them when the loss is compiled.
     """
 
     name: str
@@ -42,6 +50,8 @@ class KernelBackend(Protocol):
     def unavailable_reason(self, device: torch.device) -> Optional[str]: ...
 
     def unsupported_reason(self, problem: A2DProblem) -> Optional[str]: ...
+
+    def saved_specs(self, problem: A2DProblem) -> Tuple[Tuple[Tuple[int, ...], torch.dtype], ...]: ...
 
     def forward(self, problem: A2DProblem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]: ...
 
@@ -72,6 +82,9 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+# Evaluated once while torch.compile traces (its result baked into the graph): the first
+# call imports the kernel module, which Dynamo cannot trace (a fullgraph=True error).
+@torch.compiler.assume_constant_result
 def _reason(name: str, device: torch.device) -> Optional[str]:
     if name == "reference":
         return None
