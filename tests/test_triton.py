@@ -189,20 +189,34 @@ def test_bf16_weight_gets_bf16_gradient():
 @pytest.mark.parametrize("normalize", ["map", "row"])
 def test_non_contiguous_inputs(normalize):
     B, T, K = 2, 5, 11
-    # (B, T, H, K) memory viewed as (B, H, T, K); a key slice of a wider map; a
-    # strided head slice; a transposed weight.
+    # Student: (B, T, H, K) memory viewed as (B, H, T, K) (as some attention
+    # implementations return it): both layers share query/key strides, so they
+    # are read, and their gradients written, in place.
     s0 = attention(B, T, 3, K).permute(0, 2, 1, 3).detach().requires_grad_()
-    wide = torch.zeros(B, 2, T, K + 7, device=DEVICE)
-    wide[..., :K] = attention(B, 2, T, K)
-    s1 = wide[..., :K].requires_grad_()
+    s1 = attention(B, T, 3, K).permute(0, 2, 1, 3).detach().requires_grad_()
+    # Teacher: a strided head slice and a (K, T)-major layout: their query/key
+    # strides differ, which takes the documented copy path.
     a0 = attention(B, 8, T, K)[:, ::2]
     a1 = attention(B, 3, T, K).transpose(2, 3).contiguous().transpose(2, 3)
-    weight = torch.randn(5, 7, device=DEVICE).t().detach().requires_grad_()
+    weight = torch.randn(6, 7, device=DEVICE).t().detach().requires_grad_()
     assert not any(t.is_contiguous() for t in (s0, s1, a0, a1, weight))
     key_mask, query_mask = make_masks(B, T, K, "both")
     got = check([s0, s1], [a0, a1], weight, None, normalize=normalize,
                 key_padding_mask=key_mask, query_mask=query_mask)
-    assert got[1].stride() == s0.stride()  # dS keeps the layer's layout
+    assert got[1].stride() == s0.stride() and got[2].stride() == s1.stride()
+    in_place = triton_a2d._shared_position_strides([s0, s1])
+    assert all(x is y for x, y in zip(in_place, (s0, s1)))
+
+
+def test_key_slices_of_wider_maps():
+    """Layers cut from a wider (padded) buffer along the key and head axes."""
+    B, T, K = 2, 4, 10
+    wide = torch.zeros(B, 5, T, K + 6, device=DEVICE)
+    wide[..., :K] = attention(B, 5, T, K)
+    student = [wide[:, :2, :, :K].requires_grad_(), wide[:, 2:, :, :K].requires_grad_()]
+    teacher = [attention(B, 3, T, K)]
+    weight = torch.randn(3, 5, device=DEVICE).requires_grad_()
+    check(student, teacher, weight, None, normalize="row")
 
 
 def test_student_without_gradient():

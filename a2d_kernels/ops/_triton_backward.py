@@ -18,7 +18,7 @@ so it is not computed here.
 import triton
 import triton.language as tl
 
-from ._triton_tiles import (channel_rows, expm1, load_tile, load_weight, tile_pointers,
+from ._triton_tiles import (channel_rows, expm1, load_tile, load_weight, position_offsets,
                             tile_positions)
 
 
@@ -37,7 +37,7 @@ def _row_stat_tile(ptr, b, t0, t_end, Ct, T, ct_ok,
 
 @triton.jit
 def a2d_backward(
-    s_ptrs, s_strides, s_starts, a_ptrs, a_strides, a_starts, ds_ptrs, ds_strides,
+    s_ptrs, s_strides, s_starts, s_pos_strides, a_ptrs, a_strides, a_starts, a_pos_strides, ds_ptrs, ds_strides, ds_pos_strides,
     w_ptr, w_stride_c, w_stride_k,
     kv_ptr, kv_stride_b, kv_stride_k, qv_ptr, qv_stride_b, qv_stride_t,
     stats_ptr, stats_stride_b, stats_stride_stat, grad_scale_ptr,
@@ -45,6 +45,7 @@ def a2d_backward(
     ROW_MODE: tl.constexpr, WRITE_DS: tl.constexpr,
     CS_PAD: tl.constexpr, CT_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    OFFSETS_64: tl.constexpr,
 ):
     """``stats``: map mode (B, 5, Ct) = mZ, log sZ, mA, log sA, delta; row mode
     (2, B, Ct, T) = lseZ, P. ``dw_part``: (B, n_chunks, Ct, Cs) fp32."""
@@ -55,10 +56,10 @@ def a2d_backward(
     g = tl.load(grad_scale_ptr).to(tl.float32)
     w = load_weight(w_ptr, w_stride_c, w_stride_k, Ct, Cs, CT_PAD, CS_PAD)
     w_t_scaled = tl.trans(w * g)  # (CS_PAD, CT_PAD): dS = (g W)^T (dZ / g)
-    s_row, s_st, s_sk = channel_rows(s_ptrs, s_strides, s_starts, b, CS_PAD)
-    a_row, a_st, a_sk = channel_rows(a_ptrs, a_strides, a_starts, b, CT_PAD)
+    s_row = channel_rows(s_ptrs, s_strides, s_starts, b, CS_PAD)
+    a_row = channel_rows(a_ptrs, a_strides, a_starts, b, CT_PAD)
     if WRITE_DS:
-        ds_row, ds_st, ds_sk = channel_rows(ds_ptrs, ds_strides, s_starts, b, CS_PAD)
+        ds_row = channel_rows(ds_ptrs, ds_strides, s_starts, b, CS_PAD)
     cs_ok = tl.arange(0, CS_PAD) < Cs
     c = tl.arange(0, CT_PAD)
     ct_ok = c < Ct
@@ -83,8 +84,8 @@ def a2d_backward(
             t, x, inside, valid = tile_positions(
                 b, t0, k0, t_end, K, kv_ptr, kv_stride_b, kv_stride_k,
                 qv_ptr, qv_stride_b, qv_stride_t, HAS_KEY_MASK, HAS_QUERY_MASK, BLOCK_T, BLOCK_K)
-            s = load_tile(s_row, s_st, s_sk, t, x, cs_ok, valid)
-            a = load_tile(a_row, a_st, a_sk, t, x, ct_ok, valid)
+            s = load_tile(s_row, position_offsets(t, x, s_pos_strides, OFFSETS_64), cs_ok, valid)
+            a = load_tile(a_row, position_offsets(t, x, a_pos_strides, OFFSETS_64), ct_ok, valid)
             z = tl.dot(w, s, input_precision=DOT_PRECISION)
             if ROW_MODE:
                 dz = tl.exp(z - lse_z) * p_sum - a
@@ -97,7 +98,7 @@ def a2d_backward(
             dw += tl.dot(dz, tl.trans(s), input_precision=DOT_PRECISION)
             if WRITE_DS:
                 ds = tl.dot(w_t_scaled, dz, input_precision=DOT_PRECISION)
-                ds_ptrs_tile = tile_pointers(ds_row, ds_st, ds_sk, t, x)
+                ds_ptrs_tile = ds_row[:, None] + position_offsets(t, x, ds_pos_strides, OFFSETS_64)[None, :]
                 tl.store(ds_ptrs_tile, ds.to(ds_ptrs_tile.dtype.element_ty),
                          mask=cs_ok[:, None] & inside[None, :])
 

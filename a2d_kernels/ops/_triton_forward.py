@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._triton_tiles import (channel_rows, expm1, load_tile, load_weight, log1p, online_logsumexp,
-                            tile_positions)
+                            position_offsets, tile_positions)
 
 # Map mode: the pass-1 partials hold, per (b, chunk, channel), these statistics in
 # this order (buffer (B, n_chunks, 6, Ct)); the saved statistics are (B, 5, Ct).
@@ -34,20 +34,21 @@ MAP_SAVED = 5  # mZ, log sZ, mA, log sA, delta
 
 @triton.jit
 def map_forward_partials(
-    s_ptrs, s_strides, s_starts, a_ptrs, a_strides, a_starts,
+    s_ptrs, s_strides, s_starts, s_pos_strides, a_ptrs, a_strides, a_starts, a_pos_strides,
     w_ptr, w_stride_c, w_stride_k,
     kv_ptr, kv_stride_b, kv_stride_k, qv_ptr, qv_stride_b, qv_stride_t,
     part_ptr, part_stride_b, part_stride_chunk, part_stride_stat, T, K, Cs, Ct, rows_per_chunk,
     CS_PAD: tl.constexpr, CT_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    OFFSETS_64: tl.constexpr,
 ):
     """Running statistics of one chunk of rows; ``part`` is (B, n_chunks, 6, Ct)."""
     b = tl.program_id(0)
     chunk = tl.program_id(1)
 
     w = load_weight(w_ptr, w_stride_c, w_stride_k, Ct, Cs, CT_PAD, CS_PAD)
-    s_row, s_st, s_sk = channel_rows(s_ptrs, s_strides, s_starts, b, CS_PAD)
-    a_row, a_st, a_sk = channel_rows(a_ptrs, a_strides, a_starts, b, CT_PAD)
+    s_row = channel_rows(s_ptrs, s_strides, s_starts, b, CS_PAD)
+    a_row = channel_rows(a_ptrs, a_strides, a_starts, b, CT_PAD)
     cs_ok = tl.arange(0, CS_PAD) < Cs
     c = tl.arange(0, CT_PAD)
     ct_ok = c < Ct
@@ -66,8 +67,8 @@ def map_forward_partials(
             t, x, inside, valid = tile_positions(
                 b, t0, k0, t_end, K, kv_ptr, kv_stride_b, kv_stride_k,
                 qv_ptr, qv_stride_b, qv_stride_t, HAS_KEY_MASK, HAS_QUERY_MASK, BLOCK_T, BLOCK_K)
-            s = load_tile(s_row, s_st, s_sk, t, x, cs_ok, valid)
-            a = load_tile(a_row, a_st, a_sk, t, x, ct_ok, valid)
+            s = load_tile(s_row, position_offsets(t, x, s_pos_strides, OFFSETS_64), cs_ok, valid)
+            a = load_tile(a_row, position_offsets(t, x, a_pos_strides, OFFSETS_64), ct_ok, valid)
             z = tl.dot(w, s, input_precision=DOT_PRECISION)
             valid2 = valid[None, :]
             m_z, s_z, _, _ = online_logsumexp(m_z, s_z, z, valid2, 1)
@@ -147,12 +148,13 @@ def _xlogx(a):
 
 @triton.jit
 def row_forward(
-    s_ptrs, s_strides, s_starts, a_ptrs, a_strides, a_starts,
+    s_ptrs, s_strides, s_starts, s_pos_strides, a_ptrs, a_strides, a_starts, a_pos_strides,
     w_ptr, w_stride_c, w_stride_k,
     kv_ptr, kv_stride_b, kv_stride_k, qv_ptr, qv_stride_b, qv_stride_t,
     part_ptr, part_stride_b, part_stride_chunk, row_stats_ptr, B, T, K, Cs, Ct, rows_per_chunk,
     CS_PAD: tl.constexpr, CT_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    OFFSETS_64: tl.constexpr,
 ):
     """Row mode: each query row is a distribution over its valid keys. A program
     finishes its rows (all keys) before moving on, so per-row statistics never
@@ -166,8 +168,8 @@ def row_forward(
     chunk = tl.program_id(1)
 
     w = load_weight(w_ptr, w_stride_c, w_stride_k, Ct, Cs, CT_PAD, CS_PAD)
-    s_row, s_st, s_sk = channel_rows(s_ptrs, s_strides, s_starts, b, CS_PAD)
-    a_row, a_st, a_sk = channel_rows(a_ptrs, a_strides, a_starts, b, CT_PAD)
+    s_row = channel_rows(s_ptrs, s_strides, s_starts, b, CS_PAD)
+    a_row = channel_rows(a_ptrs, a_strides, a_starts, b, CT_PAD)
     cs_ok = tl.arange(0, CS_PAD) < Cs
     c = tl.arange(0, CT_PAD)
     ct_ok = c < Ct
@@ -184,8 +186,8 @@ def row_forward(
             t, x, inside, valid = tile_positions(
                 b, t0, k0, t_end, K, kv_ptr, kv_stride_b, kv_stride_k,
                 qv_ptr, qv_stride_b, qv_stride_t, HAS_KEY_MASK, HAS_QUERY_MASK, BLOCK_T, BLOCK_K)
-            s = load_tile(s_row, s_st, s_sk, t, x, cs_ok, valid)
-            a = load_tile(a_row, a_st, a_sk, t, x, ct_ok, valid)
+            s = load_tile(s_row, position_offsets(t, x, s_pos_strides, OFFSETS_64), cs_ok, valid)
+            a = load_tile(a_row, position_offsets(t, x, a_pos_strides, OFFSETS_64), ct_ok, valid)
             z = tl.reshape(tl.dot(w, s, input_precision=DOT_PRECISION), (CT_PAD, BLOCK_T, BLOCK_K))
             a = tl.reshape(a, (CT_PAD, BLOCK_T, BLOCK_K))
             valid3 = tl.reshape(valid, (BLOCK_T, BLOCK_K))[None, :, :]

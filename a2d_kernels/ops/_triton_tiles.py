@@ -9,12 +9,15 @@ BLOCK_T * BLOCK_K positions (row-major, so position i is row i // BLOCK_K, key
 i % BLOCK_K). Channel tiles are (C_PAD, positions): every channel of every layer at
 once, because each mixed channel needs all student channels.
 
-Per-layer inputs are read in place. A group of layers arrives as three tuples:
-``ptrs`` (one tensor per layer, all of one dtype), ``strides`` (per layer its
-(batch, head, query, key) strides, so non-contiguous layers need no copy) and
-``starts`` (the first channel of each layer in the layer-major channel order). The
-kernels resolve, once per program, which layer and head each channel row lives in;
-the tile loops then do one plain gather per element, whatever the layer count.
+Per-layer inputs are read in place. A group of layers arrives as tuples: ``ptrs``
+(one tensor per layer, all of one dtype), ``strides`` (per layer its batch and head
+strides) and ``starts`` (the first channel of each layer in the layer-major channel
+order), plus the group's query and key strides, which all its layers share (the
+host makes that so; contiguous layers always do, whatever their head counts). The
+kernels resolve once per program where each channel's map starts; inside the tile
+loop a channel tile is then one 64-bit pointer per channel plus one offset per
+position shared by every channel, which keeps the per-thread register cost of the
+addressing small even with 128 channels.
 """
 import triton
 import triton.language as tl
@@ -22,8 +25,7 @@ import triton.language as tl
 
 @triton.jit
 def channel_rows(ptrs, strides, starts, b, C_PAD: tl.constexpr):
-    """Per channel c < C_PAD: pointer to map (b, c) in its own layer, plus that
-    layer's query and key strides (int64, so huge maps cannot overflow).
+    """Per channel c < C_PAD: pointer to the start of map (b, c) in its own layer.
 
     Rows past the last channel point into the last layer; callers mask them out.
     Layers are in channel order, so each later layer overrides the rows from its
@@ -32,15 +34,20 @@ def channel_rows(ptrs, strides, starts, b, C_PAD: tl.constexpr):
     c = tl.arange(0, C_PAD).to(tl.int64)
     b = b.to(tl.int64)
     row = ptrs[0] + b * strides[0][0] + c * strides[0][1]
-    stride_t = tl.zeros([C_PAD], dtype=tl.int64) + strides[0][2]
-    stride_k = tl.zeros([C_PAD], dtype=tl.int64) + strides[0][3]
     for layer in tl.static_range(1, len(ptrs)):
-        here = c >= starts[layer]
-        row = tl.where(here, ptrs[layer] + b * strides[layer][0]
-                       + (c - starts[layer]) * strides[layer][1], row)
-        stride_t = tl.where(here, strides[layer][2], stride_t)
-        stride_k = tl.where(here, strides[layer][3], stride_k)
-    return row, stride_t, stride_k
+        row = tl.where(c >= starts[layer],
+                       ptrs[layer] + b * strides[layer][0] + (c - starts[layer]) * strides[layer][1],
+                       row)
+    return row
+
+
+@triton.jit
+def position_offsets(t, x, pos_strides, OFFSETS_64: tl.constexpr):
+    """Element offset of each tile position inside one map, shared by all channels
+    of a group. int32 unless the host found a map too large for it."""
+    if OFFSETS_64:
+        return t.to(tl.int64) * pos_strides[0] + x.to(tl.int64) * pos_strides[1]
+    return t * pos_strides[0] + x * pos_strides[1]
 
 
 @triton.jit
@@ -68,18 +75,11 @@ def tile_positions(b, t0, k0, t_end, K,
 
 
 @triton.jit
-def tile_pointers(row, stride_t, stride_k, t, x):
-    """(C_PAD, positions) pointers of a channel tile."""
-    return (row[:, None] + t.to(tl.int64)[None, :] * stride_t[:, None]
-            + x.to(tl.int64)[None, :] * stride_k[:, None])
-
-
-@triton.jit
-def load_tile(row, stride_t, stride_k, t, x, channel_ok, position_ok):
-    """A channel tile in fp32 (whatever the input dtype); 0 where not loaded."""
-    ptrs = tile_pointers(row, stride_t, stride_k, t, x)
+def load_tile(row, offsets, channel_ok, position_ok):
+    """A (C_PAD, positions) channel tile in fp32 (whatever the input dtype); 0 where
+    not loaded."""
     mask = channel_ok[:, None] & position_ok[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(row[:, None] + offsets[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit

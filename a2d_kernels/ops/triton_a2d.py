@@ -10,6 +10,8 @@ Design choices (DESIGN.md section 2):
 - Per-layer maps are read in place: each layer group goes to the kernels as tuples
   of tensors and strides (Triton specializes on the tuple length, so any layer
   count works without a pointer table, a host-to-device copy or a concatenation).
+  Any strides work; the layers of a group must share their query/key strides
+  (contiguous layers always do) or they are copied, see _shared_position_strides.
 - Both channel dimensions live whole in registers (padded to powers of two, >= 16
   for ``tl.dot``); the tile's position count shrinks as Ct grows so the (Ct, tile)
   fp32 logits plus the (Cs, tile) student tile fit. S is therefore read exactly
@@ -17,8 +19,8 @@ Design choices (DESIGN.md section 2):
 - Reductions across programs go through small partial buffers, folded in a fixed
   order: the same inputs give the same bits. Tile sizes are a fixed function of
   the shape (not autotuned), so the bits do not depend on a benchmark either.
-- fp32 inputs mix with IEEE fp32 dots (GPU ``tl.dot`` would otherwise use TF32,
-  ~3e-4 relative); 16-bit inputs are exact in TF32, so they use it.
+- The mixing matmuls use IEEE fp32 (GPU ``tl.dot`` would otherwise use TF32,
+  ~3e-4 relative), see DOT_PRECISION.
 """
 from __future__ import annotations
 
@@ -93,8 +95,11 @@ def _sm_count(device_index: int) -> int:
 def plan_tiles(problem: A2DProblem, backward: bool) -> TilePlan:
     """Tile sizes as a function of the shape only (deterministic bits per shape).
 
-    Register budget per program: about 8192 fp32 logits in forward and 4096 in
-    backward (which also holds the dZ tile and the (Ct, Cs) dweight accumulator).
+    Sized from sm_90 compiles of these kernels (ptxas register and spill counts,
+    Triton 3.9; not yet timed on a GPU): about 2048 (Ct, position) logits per
+    8-warp program in forward and 1024 in backward, which also holds the dZ tile
+    and the (Ct, Cs) dweight accumulator, keep every kernel at <= 220 registers
+    without spills up to Ct = 128, Cs = 64 (larger tiles spill heavily).
     """
     B, T, K = problem.batch, problem.queries, problem.keys
     cs_pad = max(16, _pow2(problem.student_channels))
@@ -102,7 +107,7 @@ def plan_tiles(problem: A2DProblem, backward: bool) -> TilePlan:
     if INTERPRETED:
         positions = 64  # small fixed tiles: many tiles per test, fast numpy steps
     else:
-        positions = max(16, min(256, (4096 if backward else 8192) // ct_pad))
+        positions = max(16, (1024 if backward else 2048) // ct_pad)
     block_k = min(_pow2(K), positions)
     block_t = min(max(1, positions // block_k), _pow2(T))
     while block_t * block_k < 16:  # tl.dot needs every dimension >= 16
@@ -120,18 +125,48 @@ def plan_tiles(problem: A2DProblem, backward: bool) -> TilePlan:
     n_chunks = min(row_blocks, wanted)
     rows_per_chunk = _cdiv(row_blocks, n_chunks) * block_t
     n_chunks = _cdiv(T, rows_per_chunk)
-    num_warps = 8 if ct_pad * block_t * block_k >= 8192 else 4
+    num_warps = 4 if backward and ct_pad <= 32 else 8
     return TilePlan(cs_pad, ct_pad, block_t, block_k, rows_per_chunk, n_chunks, num_warps)
 
 
+def _shared_position_strides(layers: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """The layers of a group as the kernels read them: in place when they share
+    their query and key strides (always true for contiguous layers, whatever their
+    head counts), else a contiguous copy of each: the one case that copies, taken
+    for layouts such as (B, T, H, K) views with unequal H per layer."""
+    if len({t.stride()[2:] for t in layers}) == 1:
+        return tuple(layers)
+    return tuple(t.contiguous() for t in layers)
+
+
 def _layer_group(layers: Sequence[torch.Tensor]):
-    """Kernel arguments of a group of per-layer maps: tensors, their 4-d strides,
-    and each layer's first channel."""
+    """Kernel arguments of a group of per-layer maps that share query/key strides:
+    tensors, per layer (batch, head) strides, each layer's first channel, and the
+    shared (query, key) strides."""
     starts, start = [], 0
     for t in layers:
         starts.append(start)
         start += t.shape[1]
-    return tuple(layers), tuple(tuple(t.stride()) for t in layers), tuple(starts)
+    return (tuple(layers), tuple(tuple(t.stride()[:2]) for t in layers), tuple(starts),
+            tuple(layers[0].stride()[2:]))
+
+
+def _needs_64bit_offsets(*groups: Sequence[torch.Tensor]) -> bool:
+    """Whether an in-map element offset t * stride_t + k * stride_k can pass 2^31."""
+    for layers in groups:
+        t = layers[0]
+        if (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3)) >= 2 ** 31:
+            return True
+    return False
+
+
+def _new_gradients(student: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """dS tensors, in the layers' own layout when they are dense and share their
+    query/key strides, else contiguous."""
+    grads = tuple(_new_output_like(s) for s in student)
+    if len({g.stride()[2:] for g in grads}) == 1:
+        return grads
+    return tuple(_new_output(s.shape, s.dtype, s.device) for s in student)
 
 
 def _mask_args(problem: A2DProblem):
@@ -147,10 +182,11 @@ def _mask_args(problem: A2DProblem):
     return out
 
 
-def _dot_precision(problem: A2DProblem) -> str:
-    # 16-bit maps are exact in TF32; rounding the weight and dZ to TF32 (2^-11) then
-    # stays below the inputs' own precision. fp32 maps keep full IEEE products.
-    return "ieee" if problem.student[0].dtype == torch.float32 else "tf32"
+# Precision of the in-register matmuls. "ieee" (fp32 FMA) is exact to fp32 and,
+# at the tile sizes above, needed fewer registers and less shared memory than
+# "tf32x3" in sm_90 compiles; plain "tf32" (~3e-4 relative) would be the next
+# thing to time for 16-bit inputs, which TF32 holds exactly.
+DOT_PRECISION = "ieee"
 
 
 def _device_guard(device: torch.device):
@@ -159,17 +195,18 @@ def _device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _common_args(problem: A2DProblem):
+def _input_args(problem: A2DProblem, student, teacher):
     w = problem.weight
-    return (*_layer_group(problem.student), *_layer_group(problem.teacher),
+    return (*_layer_group(student), *_layer_group(teacher),
             w, w.stride(0), w.stride(1), *_mask_args(problem))
 
 
-def _constexprs(problem: A2DProblem, plan: TilePlan):
+def _constexprs(problem: A2DProblem, plan: TilePlan, *groups):
     return dict(
         CS_PAD=plan.cs_pad, CT_PAD=plan.ct_pad, BLOCK_T=plan.block_t, BLOCK_K=plan.block_k,
         HAS_KEY_MASK=problem.key_valid is not None, HAS_QUERY_MASK=problem.query_valid is not None,
-        DOT_PRECISION=_dot_precision(problem), num_warps=plan.num_warps,
+        DOT_PRECISION=DOT_PRECISION, OFFSETS_64=_needs_64bit_offsets(*groups),
+        num_warps=plan.num_warps,
     )
 
 
@@ -181,12 +218,16 @@ def forward(problem: A2DProblem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]
     plan = plan_tiles(problem, backward=False)
     grid = (B, plan.n_chunks)
     dev = problem.device
+    student = _shared_position_strides(problem.student)
+    teacher = _shared_position_strides(problem.teacher)
+    args = _input_args(problem, student, teacher)
+    constexprs = _constexprs(problem, plan, student, teacher)
     with _device_guard(dev):
         if problem.normalize == "map":
             part = _new_output((B, plan.n_chunks, MAP_PARTIALS, Ct), torch.float32, dev)
             map_forward_partials[grid](
-                *_common_args(problem), part, part.stride(0), part.stride(1), part.stride(2),
-                T, K, Cs, Ct, plan.rows_per_chunk, **_constexprs(problem, plan))
+                *args, part, part.stride(0), part.stride(1), part.stride(2),
+                T, K, Cs, Ct, plan.rows_per_chunk, **constexprs)
             kl = _new_output((B, Ct), torch.float32, dev)
             saved = _new_output((B, MAP_SAVED, Ct), torch.float32, dev)
             map_forward_combine[(B,)](
@@ -198,8 +239,8 @@ def forward(problem: A2DProblem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]
         part = _new_output((B, plan.n_chunks, Ct), torch.float32, dev)
         row_stats = _new_output((2, B, Ct, T), torch.float32, dev)
         row_forward[grid](
-            *_common_args(problem), part, part.stride(0), part.stride(1), row_stats,
-            B, T, K, Cs, Ct, plan.rows_per_chunk, **_constexprs(problem, plan))
+            *args, part, part.stride(0), part.stride(1), row_stats,
+            B, T, K, Cs, Ct, plan.rows_per_chunk, **constexprs)
         # The chunks of a row-mode map hold disjoint rows: a plain ordered sum.
         return part.sum(dim=1), (row_stats,)
 
@@ -213,24 +254,26 @@ def backward(problem: A2DProblem, saved: Tuple[torch.Tensor, ...], grad_scale: t
     dev = problem.device
     row_mode = problem.normalize == "row"
 
-    d_student: List[Optional[torch.Tensor]] = [None] * len(problem.student)
+    student = _shared_position_strides(problem.student)
+    teacher = _shared_position_strides(problem.teacher)
+    d_student: List[Optional[torch.Tensor]] = [None] * len(student)
     if need_student_grad:
-        d_student = [_new_output_like(s) for s in problem.student]
+        d_student = list(_new_gradients(problem.student))
         ds_layers = tuple(d_student)
     else:
-        ds_layers = tuple(problem.student)  # never written: WRITE_DS=False
-    ds_strides = tuple(tuple(t.stride()) for t in ds_layers)
+        ds_layers = student  # never written: WRITE_DS=False
+    ds_ptrs, ds_strides, _, ds_pos_strides = _layer_group(ds_layers)
 
     dw_part = _new_output((B, plan.n_chunks, Ct, Cs), torch.float32, dev)
     grad_scale = grad_scale.to(device=dev, dtype=torch.float32)
     with _device_guard(dev):
         a2d_backward[(B, plan.n_chunks)](
-            *_layer_group(problem.student), *_layer_group(problem.teacher),
-            ds_layers, ds_strides,
+            *_layer_group(student), *_layer_group(teacher), ds_ptrs, ds_strides, ds_pos_strides,
             problem.weight, problem.weight.stride(0), problem.weight.stride(1), *_mask_args(problem),
             stats, 0 if row_mode else stats.stride(0), 0 if row_mode else stats.stride(1), grad_scale,
             dw_part, B, T, K, Cs, Ct, plan.rows_per_chunk,
-            ROW_MODE=row_mode, WRITE_DS=need_student_grad, **_constexprs(problem, plan))
+            ROW_MODE=row_mode, WRITE_DS=need_student_grad,
+            **_constexprs(problem, plan, student, teacher, ds_layers))
 
     d_weight = dw_part.sum(dim=(0, 1)).to(problem.weight.dtype).reshape(problem.weight.shape)
     # The loss is invariant to a per-channel shift of Z in both modes: dbias == 0.
