@@ -8,6 +8,9 @@ on the CPU (conftest sets TRITON_INTERPRET=1), where tiles are 8 x 8 and teacher
 blocks 4 wide, so the shapes below span several blocks in every direction.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -274,6 +277,20 @@ def test_teacher_side_mismatch_in_queries():
 
 
 # --------------------------------------------------------------------------- GPU
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The GPU compiler rejects things the interpreter runs (dot shapes, layouts): compile
+    every kernel for sm_90 with the GPU tiles (bf16, causal, all masks) in a subprocess
+    without TRITON_INTERPRET, and check the shared memory fits an H100 block (227 KiB)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    code = ("from a2d_kernels.ops.triton_qk import compile_offline\n"
+            "print(max(k.metadata.shared for k in compile_offline(90, 'bf16').values()))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert int(done.stdout.split()[-1]) <= 227 * 1024
+
+
 
 @requires_gpu
 @pytest.mark.parametrize("normalize", ["map", "row"])

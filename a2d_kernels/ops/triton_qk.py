@@ -20,6 +20,10 @@ Backward, flash-attention style (dZ -> dS -> through the softmax -> dQ, dK):
   4. ``_dq_kernel`` (query-block major) and 5. ``_dk_kernel`` (key-block major):
      dlogits = S * (dS - r); dQ = scale * dlogits K, dK = scale * dlogits^T Q.
 
+Causal: query blocks skip key blocks they cannot see. Where the loss still needs those
+entries (S = A = 0, Z = bias: the forward statistics and dbias), they are added in
+closed form from a count of non-padded hidden keys, so a causal map costs about half.
+
 Determinism: no atomics anywhere. Every cross-program reduction (teacher-channel
 blocks, query blocks) goes through a partial buffer summed by PyTorch, so the same
 inputs give the same bits. The softmax backward is linear in dS, so each
@@ -27,9 +31,15 @@ teacher-channel block can apply it to its own share of dS with its own share of 
 and the shares simply add up.
 
 Numerics: scores, probabilities, mixing and every statistic are fp32 whatever the
-input dtype. fp32 inputs use IEEE fp32 dots (not TF32); bf16/fp16 inputs use the
-tensor-core dot with fp32 accumulation (products of two bf16 are exact in fp32).
-The interpreter cannot dot bf16, so there everything is upcast to fp32 first.
+input dtype. bf16/fp16 inputs use the tensor-core dot with fp32 accumulation (products
+of two bf16 are exact in fp32); fp32 inputs use 3xTF32 on a GPU (about fp32 accuracy,
+still on tensor cores); the small mixing dots are IEEE fp32. The interpreter cannot
+dot bf16, so there everything is upcast to fp32 and every dot is IEEE.
+
+GPU status: ``compile_offline`` compiles every kernel for sm_90 on a machine without a
+GPU (a test does). With the default tiles ptxas reports, for bf16 inputs, 255
+registers and at most ~160 bytes of spills per kernel, shared memory up to 140 KiB.
+Nothing here has been run or timed on a GPU yet.
 """
 from __future__ import annotations
 
@@ -62,10 +72,10 @@ def _load_heads(ptr, b, c, rows, stride_b, stride_c, stride_r, stride_d, C, R, D
 
 
 @triton.jit
-def _scores(q, k, DOT_FP32: tl.constexpr):
+def _scores(q, k, DOT_FP32: tl.constexpr, F32_DOT: tl.constexpr):
     """q (C, BT, D) . k (C, BK, D) -> (C, BT, BK) fp32, one batched dot for all heads."""
     if DOT_FP32:
-        return tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision="ieee")
+        return tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=F32_DOT)
     return tl.dot(q, tl.trans(k, (0, 2, 1)))
 
 
@@ -137,7 +147,7 @@ def _load_weight(w_ptr, ct, cs, stride_w_t, stride_w_s, Ct, Cs):
 
 @triton.jit
 def _mix(w, S, bias, CT_BLOCK: tl.constexpr, CS_PAD: tl.constexpr,
-         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr):
     """Z = W S + b over a tile: (CT_BLOCK, CS_PAD) x (CS_PAD, BT, BK) -> (CT_BLOCK, BT, BK)."""
     z = tl.dot(w, tl.reshape(S, (CS_PAD, BLOCK_T * BLOCK_K)), input_precision="ieee")
     return tl.reshape(z, (CT_BLOCK, BLOCK_T, BLOCK_K)) + bias[:, None, None]
@@ -145,7 +155,7 @@ def _mix(w, S, bias, CT_BLOCK: tl.constexpr, CS_PAD: tl.constexpr,
 
 @triton.jit
 def _unmix(w, dZ, CT_BLOCK: tl.constexpr, CS_PAD: tl.constexpr,
-           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr):
     """dS = W^T dZ over a tile: (CS_PAD, BT, BK) fp32."""
     ds = tl.dot(tl.trans(w), tl.reshape(dZ, (CT_BLOCK, BLOCK_T * BLOCK_K)), input_precision="ieee")
     return tl.reshape(ds, (CS_PAD, BLOCK_T, BLOCK_K))
@@ -160,7 +170,7 @@ def _row_lse_kernel(
     stride_k_b, stride_k_c, stride_k_k, stride_k_d,
     stride_kv_b,
     C, T, K, D, scale,
-    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, F32_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, C_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """lse[b, c, t] = log sum over visible keys of exp(scale * q.k); +inf for a row with none.
@@ -182,7 +192,7 @@ def _row_lse_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         kt = _load_heads(k_ptr, b, c, k, stride_k_b, stride_k_c, stride_k_k, stride_k_d, C, K, D, BLOCK_D, DOT_FP32)
         vis = _visible(t, k, _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK), T, CAUSAL)
-        x = tl.where(vis[None, :, :], _scores(q, kt, DOT_FP32) * scale, float("-inf"))
+        x = tl.where(vis[None, :, :], _scores(q, kt, DOT_FP32, F32_DOT) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=2))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, :, None]), axis=2)
         m = m_new
@@ -203,7 +213,7 @@ def _forward_stats_kernel(
     stride_w_t, stride_w_s, stride_kv_b, stride_qv_b,
     Cs, Ct, T, K, Ds, Dt, scale_s, scale_t,
     MAP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    HAS_QUERY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_QUERY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, F32_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CS_PAD: tl.constexpr, CT_BLOCK: tl.constexpr,
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
@@ -242,10 +252,10 @@ def _forward_stats_kernel(
         in_loss = (query_ok[:, None] & key_ok[None, :])[None, :, :]
 
         sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds, BLOCK_DS, DOT_FP32)
-        S = _probs(_scores(sq, sk, DOT_FP32), lse_s_ptr, b, cs, t, Cs * T, T, Cs, T, scale_s, vis)
+        S = _probs(_scores(sq, sk, DOT_FP32, F32_DOT), lse_s_ptr, b, cs, t, Cs * T, T, Cs, T, scale_s, vis)
         tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt, BLOCK_DT, DOT_FP32)
-        A = _probs(_scores(tq, tk, DOT_FP32), lse_t_ptr, b, ct, t, Ct * T, T, Ct, T, scale_t, vis)
-        Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
+        A = _probs(_scores(tq, tk, DOT_FP32, F32_DOT), lse_t_ptr, b, ct, t, Ct * T, T, Ct, T, scale_t, vis)
+        Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K, F32_DOT)
 
         z = tl.where(in_loss, Z, float("-inf"))
         z_max_new = tl.maximum(z_max, tl.max(z, axis=2))
@@ -308,7 +318,7 @@ def _grad_z(Z, A, in_loss, shift_ptr, b, ct, t, grad_scale, Ct, T,
 def _tile_grads(
     sq, sk, tq, tk, w, bias, lse_s_ptr, lse_t_ptr, shift_ptr, b, t, k, ct, cs,
     key_ok, query_ok, grad_scale, Cs, Ct, T, scale_s, scale_t,
-    MAP_MODE: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    MAP_MODE: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, F32_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CS_PAD: tl.constexpr, CT_BLOCK: tl.constexpr,
 ):
     """Recompute one tile and return (S, dS, dZ): S, dS (CS_PAD, BT, BK), dZ (CT_BLOCK, BT, BK).
@@ -317,11 +327,11 @@ def _tile_grads(
     """
     vis = _visible(t, k, key_ok, T, CAUSAL)
     in_loss = (query_ok[:, None] & key_ok[None, :])[None, :, :]
-    S = _probs(_scores(sq, sk, DOT_FP32), lse_s_ptr, b, cs, t, Cs * T, T, Cs, T, scale_s, vis)
-    A = _probs(_scores(tq, tk, DOT_FP32), lse_t_ptr, b, ct, t, Ct * T, T, Ct, T, scale_t, vis)
-    Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
+    S = _probs(_scores(sq, sk, DOT_FP32, F32_DOT), lse_s_ptr, b, cs, t, Cs * T, T, Cs, T, scale_s, vis)
+    A = _probs(_scores(tq, tk, DOT_FP32, F32_DOT), lse_t_ptr, b, ct, t, Ct * T, T, Ct, T, scale_t, vis)
+    Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K, F32_DOT)
     dZ = _grad_z(Z, A, in_loss, shift_ptr, b, ct, t, grad_scale, Ct, T, MAP_MODE)
-    dS = _unmix(w, dZ, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
+    dS = _unmix(w, dZ, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K, F32_DOT)
     return S, dS, dZ
 
 
@@ -338,7 +348,7 @@ def _backward_kernel(
     Cs, Ct, T, K, Ds, Dt, scale_s, scale_t,
     STAGE: tl.constexpr,
     MAP_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    HAS_QUERY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_QUERY_MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, F32_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CS_PAD: tl.constexpr, CT_BLOCK: tl.constexpr,
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
@@ -388,7 +398,7 @@ def _backward_kernel(
             tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt, BLOCK_DT, DOT_FP32)
             S, dS, dZ = _tile_grads(sq, sk, tq, tk, w, bias, lse_s_ptr, lse_t_ptr, shift_ptr, b, t, k, ct, cs,
                                     key_ok, query_ok, grad_scale, Cs, Ct, T, scale_s, scale_t,
-                                    MAP_MODE, CAUSAL, DOT_FP32, BLOCK_T, BLOCK_K, CS_PAD, CT_BLOCK)
+                                    MAP_MODE, CAUSAL, DOT_FP32, F32_DOT, BLOCK_T, BLOCK_K, CS_PAD, CT_BLOCK)
             if STAGE == 0:
                 rowsum += tl.sum(dS * S, axis=2)
                 dw += tl.dot(tl.reshape(dZ, (CT_BLOCK, BLOCK_T * BLOCK_K)),
@@ -397,7 +407,7 @@ def _backward_kernel(
             else:
                 dlogits = S * (dS - rowsum[:, :, None])
                 if DOT_FP32:
-                    dq += tl.dot(dlogits, sk, input_precision="ieee")
+                    dq += tl.dot(dlogits, sk, input_precision=F32_DOT)
                 else:
                     dq += tl.dot(dlogits.to(sk.dtype), sk)
         if STAGE == 0:
@@ -434,12 +444,12 @@ def _backward_kernel(
             tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt, BLOCK_DT, DOT_FP32)
             S, dS, dZ = _tile_grads(sq, sk, tq, tk, w, bias, lse_s_ptr, lse_t_ptr, shift_ptr, b, t, k, ct, cs,
                                     key_ok, query_ok, grad_scale, Cs, Ct, T, scale_s, scale_t,
-                                    MAP_MODE, CAUSAL, DOT_FP32, BLOCK_T, BLOCK_K, CS_PAD, CT_BLOCK)
+                                    MAP_MODE, CAUSAL, DOT_FP32, F32_DOT, BLOCK_T, BLOCK_K, CS_PAD, CT_BLOCK)
             rowsum = tl.load(rowsum_base + cs[:, None] * T + t[None, :],
                              mask=(cs < Cs)[:, None] & (t < T)[None, :], other=0.0)
             dlogits = tl.trans(S * (dS - rowsum[:, :, None]), (0, 2, 1))
             if DOT_FP32:
-                dk += tl.dot(dlogits, sq, input_precision="ieee")
+                dk += tl.dot(dlogits, sq, input_precision=F32_DOT)
             else:
                 dk += tl.dot(dlogits.to(sq.dtype), sq)
         d = tl.arange(0, BLOCK_DS)
@@ -482,10 +492,10 @@ def unsupported_reason(problem) -> Optional[str]:
 # dimension must be >= 16. NOTE: the GPU values are first guesses, not tuned (no GPU
 # was available when this was written); ct_block trades registers against
 # recomputing the student tile once per teacher-channel block.
-GPU_TILES = dict(block_t=16, block_k=16, ct_block=16, num_warps=8)
+GPU_TILES = dict(block_t=16, block_k=16, ct_block=16, num_warps=8, f32_dot="tf32x3")
 # Small on purpose: small test shapes then span several query, key and teacher-channel
 # blocks, exercising every cross-block reduction. Speed is irrelevant there.
-INTERPRETER_TILES = dict(block_t=8, block_k=8, ct_block=4, num_warps=4)
+INTERPRETER_TILES = dict(block_t=8, block_k=8, ct_block=4, num_warps=4, f32_dot="ieee")
 
 
 @dataclass(frozen=True)
@@ -497,6 +507,7 @@ class _Tiles:
     block_ds: int
     block_dt: int
     dot_fp32: bool
+    f32_dot: str
     num_warps: int
 
 
@@ -510,7 +521,7 @@ def _tiles(problem) -> _Tiles:
     else:
         cfg, least = GPU_TILES, 16
     return _Tiles(cfg["block_t"], cfg["block_k"], max(least, p2(Cs)), max(least, min(p2(Ct), cfg["ct_block"])),
-                  max(least, p2(Ds)), max(least, p2(Dt)), dot_fp32, cfg["num_warps"])
+                  max(least, p2(Ds)), max(least, p2(Dt)), dot_fp32, cfg["f32_dot"], cfg["num_warps"])
 
 
 def _flags(problem):
@@ -538,7 +549,8 @@ def _row_lse(q, k, scale, problem, key_valid, stride_kv, tiles: _Tiles, c_block:
     grid = (B, triton.cdiv(T, tiles.block_t), triton.cdiv(C, c_block))
     _row_lse_kernel[grid](
         q, k, key_valid, lse, *q.stride(), *k.stride(), stride_kv, C, T, K, D, scale,
-        DOT_FP32=tiles.dot_fp32, BLOCK_T=tiles.block_t, BLOCK_K=tiles.block_k, C_BLOCK=c_block, BLOCK_D=block_d,
+        DOT_FP32=tiles.dot_fp32, F32_DOT=tiles.f32_dot, BLOCK_T=tiles.block_t, BLOCK_K=tiles.block_k,
+        C_BLOCK=c_block, BLOCK_D=block_d,
         num_warps=tiles.num_warps, **_flags(problem),
     )
     return lse
@@ -562,7 +574,7 @@ def _common_strides(problem, stride_kv, stride_qv):
 def _common_meta(problem, tiles: _Tiles):
     return dict(
         MAP_MODE=problem.normalize == "map", HAS_BIAS=problem.bias is not None,
-        HAS_QUERY_MASK=problem.query_valid is not None, DOT_FP32=tiles.dot_fp32,
+        HAS_QUERY_MASK=problem.query_valid is not None, DOT_FP32=tiles.dot_fp32, F32_DOT=tiles.f32_dot,
         BLOCK_T=tiles.block_t, BLOCK_K=tiles.block_k, CS_PAD=tiles.cs_pad, CT_BLOCK=tiles.ct_block,
         BLOCK_DS=tiles.block_ds, BLOCK_DT=tiles.block_dt, num_warps=tiles.num_warps, **_flags(problem),
     )
@@ -646,3 +658,49 @@ def backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
     dk = torch.empty(nCtb, B, Cs, K, Ds, dtype=f32, device=dev)
     _backward_kernel[(B, nK, nCtb)](*args, rowsum, dw, db, dk, *strides, STAGE=2, **meta)
     return dq.sum(0).to(sq.dtype), dk.sum(0).to(sk.dtype), d_weight, d_bias
+
+
+# --------------------------------------------------------- offline compile check
+
+def compile_offline(arch: int = 90, dtype: str = "bf16", causal: bool = True, normalize: str = "map") -> dict:
+    """Compile every kernel for ``sm_<arch>`` without a GPU (Triton + its bundled ptxas).
+
+    CI has no GPU, and the interpreter accepts programs the GPU compiler rejects
+    (layouts, dot shapes), so this catches GPU-only compile errors early. Uses the
+    GPU tile shapes for Cs = 12, Ct = 24, head dim 64 with every mask on. Must run
+    without TRITON_INTERPRET (under it kernels are not compilable objects).
+    Returns ``{kernel name: compiled kernel}`` (``.asm["ptx"]``, ``.metadata.shared``).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if _interpreting():
+        raise RuntimeError("compile_offline() needs TRITON_INTERPRET unset")
+    element = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[dtype]
+    masks = {"key_valid_ptr": "*i8", "query_valid_ptr": "*i8", "key_suffix_ptr": "*i32"}
+    floats = {"scale", "scale_s", "scale_t"}
+    inputs = {"q_ptr", "k_ptr", "sq_ptr", "sk_ptr", "tq_ptr", "tk_ptr"}
+    cfg = GPU_TILES
+    common = dict(HAS_KEY_MASK=True, CAUSAL=causal, DOT_FP32=dtype == "fp32", F32_DOT=cfg["f32_dot"],
+                  BLOCK_T=cfg["block_t"], BLOCK_K=cfg["block_k"])
+    tile = dict(common, MAP_MODE=normalize == "map", HAS_BIAS=True, HAS_QUERY_MASK=True, CS_PAD=16,
+                CT_BLOCK=cfg["ct_block"], BLOCK_DS=64, BLOCK_DT=64)
+    jobs = {"row_lse": (_row_lse_kernel, dict(common, C_BLOCK=16, BLOCK_D=64)),
+            "forward_stats": (_forward_stats_kernel, tile)}
+    for stage in (0, 1, 2):
+        jobs[f"backward_stage{stage}"] = (_backward_kernel, dict(tile, STAGE=stage))
+
+    compiled = {}
+    for name, (fn, constexprs) in jobs.items():
+        signature = {}
+        for p in fn.params:
+            if p.is_constexpr:
+                signature[p.name] = "constexpr"
+            elif p.name.endswith("_ptr"):
+                signature[p.name] = element if p.name in inputs else masks.get(p.name, "*fp32")
+            else:
+                signature[p.name] = "fp32" if p.name in floats else "i32"
+        src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        compiled[name] = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                        options=dict(num_warps=cfg["num_warps"]))
+    return compiled
