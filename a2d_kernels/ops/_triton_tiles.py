@@ -45,9 +45,13 @@ def channel_rows(ptrs, strides, starts, b, C_PAD: tl.constexpr):
 def position_offsets(t, x, pos_strides, OFFSETS_64: tl.constexpr):
     """Element offset of each tile position inside one map, shared by all channels
     of a group. int32 unless the host found a map too large for it."""
+    # One return (a constexpr branch chooses the type): compiled Triton rejects
+    # early returns of different types, which the interpreter would accept.
     if OFFSETS_64:
-        return t.to(tl.int64) * pos_strides[0] + x.to(tl.int64) * pos_strides[1]
-    return t * pos_strides[0] + x * pos_strides[1]
+        offsets = t.to(tl.int64) * pos_strides[0] + x.to(tl.int64) * pos_strides[1]
+    else:
+        offsets = t * pos_strides[0] + x * pos_strides[1]
+    return offsets
 
 
 @triton.jit
