@@ -78,13 +78,15 @@ inline std::string make_plan(const Args& a, int num_sms, int max_rows, int max_k
 }
 
 // CPU emulation of the kernels (a2d_host.cpp): every pointer in `a` is a host pointer.
+// a.table points at table.v.
 void host_forward(const Args& a, const Plan& p);
 void host_backward(const Args& a, const Plan& p);
 
 // GPU launches (a2d_kernels.cu): device pointers, enqueued on `stream` of `device`.
 // Throw std::runtime_error with the CUDA error text when a launch fails.
-void cuda_forward(const Args& a, const Plan& p, int device, std::uintptr_t stream);
-void cuda_backward(const Args& a, const Plan& p, int device, std::uintptr_t stream);
+// The table goes to the kernels by value; a.table is ignored.
+void cuda_forward(const Args& a, const Plan& p, const ChannelTable& table, int device, std::uintptr_t stream);
+void cuda_backward(const Args& a, const Plan& p, const ChannelTable& table, int device, std::uintptr_t stream);
 
 // Why the extension cannot run on `device` (driver too old, no kernel image for the
 // device's architecture, no such device), or an empty string when it can.

@@ -14,7 +14,9 @@ namespace {
 // Forward: grid (n_blocks, B). Map mode ends with per-block partial statistics in
 // `work`; row mode writes each row's lse / mass / KL directly.
 template <int CS_MAX>
-__global__ void __launch_bounds__(kThreads) forward_kernel(Args a, Plan p) {
+__global__ void __launch_bounds__(kThreads) forward_kernel(Args args, Plan p, const __grid_constant__ ChannelTable table) {
+  Args a = args;
+  a.table = table.v;
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
   const int b = blockIdx.y, blk = blockIdx.x, tid = threadIdx.x, nth = blockDim.x;
@@ -53,7 +55,9 @@ __global__ void forward_finish_kernel(Args a, Plan p) {
 
 // Backward: grid (n_blocks, B); per-block d_weight / d_bias partials in `work`.
 template <int CS_MAX>
-__global__ void __launch_bounds__(kThreads) backward_kernel(Args a, Plan p) {
+__global__ void __launch_bounds__(kThreads) backward_kernel(Args args, Plan p, const __grid_constant__ ChannelTable table) {
+  Args a = args;
+  a.table = table.v;
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
   const int b = blockIdx.y, blk = blockIdx.x, tid = threadIdx.x, nth = blockDim.x;
@@ -140,37 +144,37 @@ void dispatch_cs(int Cs, Ts&&... args) {
 
 template <int CS_MAX>
 struct LaunchForward {
-  static void run(const Args& a, const Plan& p, cudaStream_t s) {
+  static void run(const Args& a, const Plan& p, const ChannelTable& table, cudaStream_t s) {
     const dim3 grid(p.n_blocks, a.B);
-    forward_kernel<CS_MAX><<<grid, kThreads, p.smem_floats * sizeof(float), s>>>(a, p);
+    forward_kernel<CS_MAX><<<grid, kThreads, p.smem_floats * sizeof(float), s>>>(a, p, table);
     check(cudaGetLastError(), "forward_kernel launch");
   }
 };
 
 template <int CS_MAX>
 struct LaunchBackward {
-  static void run(const Args& a, const Plan& p, cudaStream_t s) {
+  static void run(const Args& a, const Plan& p, const ChannelTable& table, cudaStream_t s) {
     const dim3 grid(p.n_blocks, a.B);
-    backward_kernel<CS_MAX><<<grid, kThreads, p.smem_floats * sizeof(float), s>>>(a, p);
+    backward_kernel<CS_MAX><<<grid, kThreads, p.smem_floats * sizeof(float), s>>>(a, p, table);
     check(cudaGetLastError(), "backward_kernel launch");
   }
 };
 
 }  // namespace
 
-void cuda_forward(const Args& a, const Plan& p, int device, std::uintptr_t stream) {
+void cuda_forward(const Args& a, const Plan& p, const ChannelTable& table, int device, std::uintptr_t stream) {
   DeviceGuard guard(device);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_cs<LaunchForward>(a.Cs, a, p, s);
+  dispatch_cs<LaunchForward>(a.Cs, a, p, table, s);
   const int n = a.B * a.Ct;
   forward_finish_kernel<<<(n + 127) / 128, 128, 0, s>>>(a, p);
   check(cudaGetLastError(), "forward_finish_kernel launch");
 }
 
-void cuda_backward(const Args& a, const Plan& p, int device, std::uintptr_t stream) {
+void cuda_backward(const Args& a, const Plan& p, const ChannelTable& table, int device, std::uintptr_t stream) {
   DeviceGuard guard(device);
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_cs<LaunchBackward>(a.Cs, a, p, s);
+  dispatch_cs<LaunchBackward>(a.Cs, a, p, table, s);
   const int n = a.Ct * a.Cs + a.Ct;
   backward_finish_kernel<<<(n + 127) / 128, 128, 0, s>>>(a, p);
   check(cudaGetLastError(), "backward_finish_kernel launch");

@@ -66,7 +66,7 @@ struct Args {
   int t_dtype;   // DType of the teacher maps
   int w_dtype;   // DType of weight and d_weight
   int b_dtype;   // DType of bias and d_bias
-  // Per-channel table, int64 rows of (address, stride_b, stride_t) in elements, the key
+  // Per-channel table (ChannelTable), int64 rows of (address, stride_b, stride_t) in elements, the key
   // stride being 1: Cs student rows, then Ct teacher rows, then Cs dS rows (backward).
   const int64_t* table;
   const void* weight;             // (Ct, Cs) contiguous
@@ -85,6 +85,15 @@ struct Args {
   void* d_weight;                 // (Ct, Cs) in w_dtype
   void* d_bias;                   // (Ct,) in b_dtype, or null
   int need_ds;
+};
+
+// The per-channel table travels by value, as a kernel parameter (__grid_constant__, no
+// copy to local memory): no host-to-device copy per call, nothing to keep alive, and a
+// captured CUDA graph replays with the addresses it was captured with. 3 * 384 int64 =
+// 9 KiB, above the classic 4 KiB parameter limit: needs CUDA >= 12.1 and sm_70+.
+constexpr int kMaxTableRows = 2 * kMaxStudent + kThreads;
+struct ChannelTable {
+  int64_t v[3 * kMaxTableRows];
 };
 
 // Tile geometry and shared-memory layout (offsets in floats).
@@ -355,7 +364,7 @@ A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, in
   // Lanes walk the keys of one (row, channel) line so global reads are coalesced; each
   // thread issues kLoadBatch independent loads before storing any, so enough bytes are
   // in flight to cover memory latency (a load-store-load chain would not be).
-  constexpr int kLoadBatch = 8;
+  constexpr int kLoadBatch = 6;  // 8 spills a little in backward (ptxas -v, sm_90)
   const int lanes = nth >= 32 ? 32 : 1;
   const int step = nth / lanes;
   const int n_lines = p.G * (a.Cs + a.Ct);

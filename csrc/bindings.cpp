@@ -4,10 +4,13 @@
 // a2d_kernels/ops/cuda_a2d.py), which keeps the long argument lists readable on both
 // sides and makes a missing field an error that names it.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "a2d_api.h"
 
@@ -29,6 +32,19 @@ T* address(const py::dict& d, const char* name) {
   return reinterpret_cast<T*>(static_cast<std::uintptr_t>(field_or(d, name, 0)));
 }
 
+// The "table" field: a flat sequence of ints, (address, stride_b, stride_t) per channel,
+// for `rows` channels (students, teachers, and the student gradients in backward).
+void parse_table(const py::dict& d, int rows, a2d::ChannelTable* table) {
+  if (!d.contains("table")) throw py::key_error("a2d_kernels._C: missing argument 'table'");
+  const auto values = d["table"].cast<std::vector<int64_t>>();
+  if (values.size() != 3 * size_t(rows) || rows > a2d::kMaxTableRows)
+    throw py::value_error("a2d_kernels._C: table must hold (address, stride_b, stride_t) for " +
+                          std::to_string(rows) + " channels (at most " + std::to_string(a2d::kMaxTableRows) +
+                          "), got " + std::to_string(values.size()) + " values");
+  std::fill(table->v, table->v + 3 * a2d::kMaxTableRows, int64_t(0));
+  std::copy(values.begin(), values.end(), table->v);
+}
+
 a2d::Args parse_args(const py::dict& d) {
   a2d::Args a{};
   a.B = int(field(d, "B"));
@@ -44,7 +60,6 @@ a2d::Args parse_args(const py::dict& d) {
   if (a.mode != a2d::kMap && a.mode != a2d::kRow) throw py::value_error("a2d_kernels._C: mode must be 0 or 1");
   for (int code : {a.dtype, a.t_dtype, a.w_dtype, a.b_dtype})
     if (code < a2d::kF32 || code > a2d::kF16) throw py::value_error("a2d_kernels._C: dtype codes must be 0, 1 or 2");
-  a.table = address<const int64_t>(d, "table");
   a.weight = address<const void>(d, "weight");
   a.bias = address<const void>(d, "bias");
   a.key_valid = address<const unsigned char>(d, "key_valid");
@@ -73,13 +88,12 @@ void require(bool ok, const char* what) {
 }
 
 void check_forward(const a2d::Args& a) {
-  require(a.table && a.weight && a.kl && a.stat0 && a.stat1 && a.work,
-          "forward needs table, weight, kl, stat0, stat1 and work");
+  require(a.weight && a.kl && a.stat0 && a.stat1 && a.work, "forward needs weight, kl, stat0, stat1 and work");
 }
 
 void check_backward(const a2d::Args& a) {
-  require(a.table && a.weight && a.stat0 && a.stat1 && a.work && a.grad_scale && a.d_weight,
-          "backward needs table, weight, stat0, stat1, work, grad_scale and d_weight");
+  require(a.weight && a.stat0 && a.stat1 && a.work && a.grad_scale && a.d_weight,
+          "backward needs weight, stat0, stat1, work, grad_scale and d_weight");
   require(!a.bias == !a.d_bias, "backward needs d_bias exactly when there is a bias");
 }
 
@@ -110,7 +124,9 @@ PYBIND11_MODULE(_C, m) {
         const a2d::Args a = parse_args(d);
         const a2d::Plan p = parse_plan(d, a);
         check_forward(a);
-        a2d::cuda_forward(a, p, int(field(d, "device")), std::uintptr_t(field(d, "stream")));
+        a2d::ChannelTable table;
+        parse_table(d, a.Cs + a.Ct, &table);
+        a2d::cuda_forward(a, p, table, int(field(d, "device")), std::uintptr_t(field(d, "stream")));
       },
       "Enqueue the forward kernels on a CUDA stream (device pointers).");
   m.def(
@@ -119,16 +135,21 @@ PYBIND11_MODULE(_C, m) {
         const a2d::Args a = parse_args(d);
         const a2d::Plan p = parse_plan(d, a);
         check_backward(a);
-        a2d::cuda_backward(a, p, int(field(d, "device")), std::uintptr_t(field(d, "stream")));
+        a2d::ChannelTable table;
+        parse_table(d, a.Cs + a.Ct + (a.need_ds ? a.Cs : 0), &table);
+        a2d::cuda_backward(a, p, table, int(field(d, "device")), std::uintptr_t(field(d, "stream")));
       },
       "Enqueue the backward kernels on a CUDA stream (device pointers).");
 
   m.def(
       "host_forward",
       [](const py::dict& d) {
-        const a2d::Args a = parse_args(d);
+        a2d::Args a = parse_args(d);
         const a2d::Plan p = parse_plan(d, a);
         check_forward(a);
+        a2d::ChannelTable table;
+        parse_table(d, a.Cs + a.Ct, &table);
+        a.table = table.v;
         py::gil_scoped_release release;
         a2d::host_forward(a, p);
       },
@@ -136,9 +157,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "host_backward",
       [](const py::dict& d) {
-        const a2d::Args a = parse_args(d);
+        a2d::Args a = parse_args(d);
         const a2d::Plan p = parse_plan(d, a);
         check_backward(a);
+        a2d::ChannelTable table;
+        parse_table(d, a.Cs + a.Ct + (a.need_ds ? a.Cs : 0), &table);
+        a.table = table.v;
         py::gil_scoped_release release;
         a2d::host_backward(a, p);
       },

@@ -208,6 +208,9 @@ def test_limits_are_reported():
         _C.plan(dict(B=1, T=1, K=1, Cs=1, Ct=300, mode=0, dtype=0))
     with pytest.raises(KeyError, match="'mode'"):
         _C.plan(dict(B=1, T=1, K=1, Cs=1, Ct=3, dtype=0))
+    with pytest.raises(ValueError, match="table must hold"):  # checked before any pointer is used
+        _C.host_forward(dict(B=1, T=1, K=1, Cs=1, Ct=1, mode=0, dtype=0, table=[0, 0, 0],
+                             weight=1, kl=1, stat0=1, stat1=1, work=1))
 
 
 def test_availability_is_explained(monkeypatch):

@@ -6,10 +6,10 @@ codes, the device index and the current stream's handle. This module turns an
 (so they come from torch's caching allocator and stay stream-ordered), and launches.
 
 Per-layer maps are read in place through a per-channel table of
-``(address, stride_b, stride_t)`` rows (students, teachers, then the student gradients),
-copied to the device without a host synchronization. Only a layer whose key stride is
-not 1 is copied first (``.contiguous()``); attention maps from Hugging Face or fairseq
-never are.
+``(address, stride_b, stride_t)`` rows (students, teachers, then the student gradients)
+that the kernels receive by value, as a launch parameter: no host-to-device copy, no
+synchronization. Only a layer whose key stride is not 1 is copied first
+(``.contiguous()``); attention maps from Hugging Face or fairseq never are.
 
 The same arguments drive ``_C.host_forward`` / ``_C.host_backward`` when the problem's
 tensors are on the CPU: the CPU emulation of the kernels that CI checks against the
@@ -64,21 +64,13 @@ def _key_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(3) == 1 or t.shape[3] == 1 else t.contiguous()
 
 
-def _channel_rows(layers: Sequence[torch.Tensor]) -> List[Tuple[int, int, int]]:
-    """(address of channel h at b = t = k = 0, stride_b, stride_t) per channel, layer-major."""
-    rows = []
+def _channel_table(layers: Sequence[torch.Tensor]) -> List[int]:
+    """Flat (address of channel h at b = t = k = 0, stride_b, stride_t) per channel, layer-major."""
+    table = []
     for t in layers:
-        size = t.element_size()
-        base = t.data_ptr()
+        size, base, stride_b, stride_h, stride_t = t.element_size(), t.data_ptr(), *t.stride()[:3]
         for h in range(t.shape[1]):
-            rows.append((base + h * t.stride(1) * size, t.stride(0), t.stride(2)))
-    return rows
-
-
-def _table(rows: List[Tuple[int, int, int]], device: torch.device) -> torch.Tensor:
-    table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":  # pinned + non_blocking: no host synchronization
-        table = table.pin_memory().to(device, non_blocking=True)
+            table += (base + h * stride_h * size, stride_b, stride_t)
     return table
 
 
@@ -138,8 +130,8 @@ class _Launch:
         stat_shape = (B, Ct) if p.normalize == "map" else (B, Ct, T)
         kl, stat0, stat1 = self._floats(B, Ct), self._floats(*stat_shape), self._floats(*stat_shape)
         work = self._floats(self.plan["forward_work_floats"])
-        table = _table(_channel_rows(self.student) + _channel_rows(self.teacher), self.device)
-        self._run("forward", dict(self.args, table=_ptr(table), kl=_ptr(kl), stat0=_ptr(stat0),
+        table = _channel_table(self.student) + _channel_table(self.teacher)
+        self._run("forward", dict(self.args, table=table, kl=_ptr(kl), stat0=_ptr(stat0),
                                   stat1=_ptr(stat1), work=_ptr(work)))
         return kl, (stat0, stat1)
 
@@ -150,9 +142,8 @@ class _Launch:
         d_weight = self._empty(self.weight.shape, self.weight.dtype)
         d_bias = None if self.bias is None else self._empty(self.bias.shape, self.bias.dtype)
         work = self._floats(self.plan["backward_work_floats"])
-        rows = _channel_rows(self.student) + _channel_rows(self.teacher) + _channel_rows(d_student)
-        table = _table(rows, self.device)
-        self._run("backward", dict(self.args, table=_ptr(table), stat0=_ptr(stat0), stat1=_ptr(stat1),
+        table = _channel_table(self.student) + _channel_table(self.teacher) + _channel_table(d_student)
+        self._run("backward", dict(self.args, table=table, stat0=_ptr(stat0), stat1=_ptr(stat1),
                                    work=_ptr(work), grad_scale=_ptr(grad_scale), d_weight=_ptr(d_weight),
                                    d_bias=_ptr(d_bias), need_ds=int(need_student_grad)))
         if not need_student_grad:
