@@ -37,7 +37,7 @@ inline std::string make_plan(const Args& a, int num_sms, int max_rows, int max_k
     int kcp = (kc + 3) / 4 * 4;
     if ((kcp / 4) % 2 == 0) kcp += 4;  // KCP/4 odd: float4 reads by consecutive channels spread over banks
     const int per_row = (a.Cs + a.Ct) * kcp;
-    const int room = kSmemFloats - fixed_params - kcp - g_cap;
+    const int room = kSmemFloats - fixed_params - 3 - kcp - g_cap;
     int g = room > 0 ? room / per_row : 0;
     if (g > g_cap) g = g_cap;
     if (g >= 1) {
@@ -58,9 +58,9 @@ inline std::string make_plan(const Args& a, int num_sms, int max_rows, int max_k
   p.off_a = p.G * a.Cs * p.KCP;
   p.off_w = p.region;                       // multiples of 4: float4 alignment holds
   p.off_bias = p.off_w + a.Ct * a.Cs;
-  p.off_row_ok = p.off_bias + a.Ct;
-  p.off_key_ok = p.off_row_ok + p.G;
-  p.smem_floats = p.off_key_ok + p.KCP;
+  p.off_key_ok = (p.off_bias + a.Ct + 3) / 4 * 4;  // float4-aligned: read 4 flags at once
+  p.off_row_ok = p.off_key_ok + p.KCP;
+  p.smem_floats = p.off_row_ok + p.G;
   if (p.smem_floats > kSmemFloats)
     return "the tile does not fit in 48 KiB of shared memory (Cs=" + std::to_string(a.Cs) +
            ", Ct=" + std::to_string(a.Ct) + ")";

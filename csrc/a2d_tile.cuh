@@ -441,8 +441,8 @@ A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, int c,
     mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, bias, z);
     const F4 a4 = load4(a_row + kk);
     const float av[4] = {a4.x * a_scale, a4.y * a_scale, a4.z * a_scale, a4.w * a_scale};
-    const bool ok[4] = {key_ok[kk] != 0.f, key_ok[kk + 1] != 0.f, key_ok[kk + 2] != 0.f,
-                        key_ok[kk + 3] != 0.f};
+    const F4 k4 = load4(key_ok + kk);
+    const bool ok[4] = {k4.x != 0.f, k4.y != 0.f, k4.z != 0.f, k4.w != 0.f};
     if (a.mode == kMap) map_add4(ms, z, av, ok);
     else row_add4(rs, z, av, ok);
   }
@@ -516,11 +516,11 @@ A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, int c, int 
     if (row_ok) {
       float z[4];
       mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, bias, z);
-      const F4 a4 = load4(a_row + kk);
-      const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+      const F4 a4 = load4(a_row + kk), k4 = load4(key_ok + kk);
+      const float av[4] = {a4.x, a4.y, a4.z, a4.w}, ok[4] = {k4.x, k4.y, k4.z, k4.w};
       A2D_UNROLL
       for (int j = 0; j < 4; ++j) {
-        if (key_ok[kk + j] != 0.f) {
+        if (ok[j] != 0.f) {
           dz[j] = a.mode == kMap ? gscale * (exp2f(z[j] - stat0) - exp2f(fmaf(av[j], kLog2e, -stat1)))
                                  : gscale * (exp2f(z[j] - stat0) * stat1 - av[j]);
         }
