@@ -295,3 +295,36 @@ def test_unsupported_inputs_are_explained():
                        torch.zeros(2, triton_a2d.MAX_CHANNELS + 1, device=DEVICE), None)
     assert "student channels" in triton_a2d.BACKEND.unsupported_reason(big)
     assert triton_a2d.BACKEND.unavailable_reason(torch.device(DEVICE)) is None
+
+
+def test_kernels_lower_for_sm90():
+    """The interpreter never runs the Triton compiler: compile every launch the host
+    makes, at the issue's WMT-like shape (fp32) and IWSLT-like shape (bf16), for
+    sm_90 in a process without TRITON_INTERPRET, and check the resources fit an H100."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    script = (
+        "import json, torch\n"
+        "from a2d_kernels.ops import _triton_compile_check as c\n"
+        "r = c.check(90, {'wmt': c.SHAPES['wmt']}, (torch.float32,))\n"
+        "r += c.check(90, {'iwslt': c.SHAPES['iwslt']}, (torch.bfloat16,))\n"
+        "print(json.dumps(r))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads(done.stdout.strip().splitlines()[-1])
+    from a2d_kernels.ops._triton_compile_check import SM90_MAX_SHARED
+
+    assert {r["kernel"] for r in records} == {"map_forward_partials", "map_forward_combine",
+                                              "row_forward", "a2d_backward"}
+    for r in records:
+        assert r["shared"] <= SM90_MAX_SHARED, r
+        # A few spilled registers are tolerable; a tile plan that spills heavily is not.
+        assert r.get("stack", 0) < 512, r
