@@ -51,8 +51,13 @@ inline std::string make_plan(const Args& a, int num_sms, int max_rows, int max_k
              " values) leaves no room for a tile in 48 KiB of shared memory";
     kc = kc > 8 ? kc / 2 : 4;
   }
+  // Key groups: more threads per (row, channel) when Ct * G alone leaves threads idle.
+  p.H = kThreads / (a.Ct * p.G);
+  if (p.H > p.KCP / 4) p.H = p.KCP / 4;
+  if (p.H < 1) p.H = 1;
+  const int slots = p.G * p.H * a.Ct;  // threads with a role
   const int tile = p.G * (a.Cs + a.Ct) * p.KCP;
-  const int stage_min = p.G * a.Ct * (kMapFields + 1);  // map stats / at least 6 dW columns
+  const int stage_min = slots * (kMapFields + 1);  // 5-float stats / at least 6 dW columns per thread
   p.region = (tile > stage_min ? tile : stage_min + 3) / 4 * 4;
   p.off_s = 0;
   p.off_a = p.G * a.Cs * p.KCP;
@@ -64,7 +69,7 @@ inline std::string make_plan(const Args& a, int num_sms, int max_rows, int max_k
   if (p.smem_floats > kSmemFloats)
     return "the tile does not fit in 48 KiB of shared memory (Cs=" + std::to_string(a.Cs) +
            ", Ct=" + std::to_string(a.Ct) + ")";
-  p.dw_chunk = p.region / (p.G * a.Ct);
+  p.dw_chunk = p.region / slots;
   if (p.dw_chunk > a.Cs) p.dw_chunk = a.Cs;
   // Blocks: enough to fill the device about four times over, whole row sets each.
   p.n_sets = (a.T + p.G - 1) / p.G;

@@ -27,7 +27,7 @@ template <int CS_MAX>
 void forward_impl(const Args& a, const Plan& p) {
   Smem smem(p);
   float* sm = smem.data();
-  const int active_threads = p.G * a.Ct;  // threads (c, g); the rest only load
+  const int active_threads = p.G * p.H * a.Ct;  // threads with a Role; the rest only load
   std::vector<MapStats> ms(active_threads);
   std::vector<RowStats> rs(active_threads);
   for (int b = 0; b < a.B; ++b) {
@@ -41,18 +41,19 @@ void forward_impl(const Args& a, const Plan& p) {
         for (int k0 = 0; k0 < a.K; k0 += p.KC) {
           load_tile(a, p, sm, b, t0, k0, 0, 1);
           for (int tid = 0; tid < active_threads; ++tid) {
-            const int c = tid % a.Ct, g = tid / a.Ct;
+            const Role role = role_of(a, p, tid);
             float w[CS_MAX];
-            thread_weights<CS_MAX>(a, p, sm, c, w);
-            forward_thread<CS_MAX>(a, p, sm, c, g, w, std::min(p.KC, a.K - k0), ms[tid], rs[tid]);
+            thread_weights<CS_MAX>(a, p, sm, role.c, w);
+            forward_thread<CS_MAX>(a, p, sm, role, w, std::min(p.KC, a.K - k0), ms[tid], rs[tid]);
           }
         }
-        if (a.mode == kRow)
-          for (int tid = 0; tid < active_threads; ++tid)
-            forward_row_done(a, b, tid % a.Ct, t0 + tid / a.Ct, rs[tid]);
+        if (a.mode == kRow) {
+          for (int tid = 0; tid < active_threads; ++tid) row_stash(a, p, sm, role_of(a, p, tid), rs[tid]);
+          row_set_done(a, p, sm, b, t0, 0, 1);
+        }
       }
       if (a.mode == kMap) {
-        for (int tid = 0; tid < active_threads; ++tid) map_stash(p, sm, a.Ct, tid % a.Ct, tid / a.Ct, ms[tid]);
+        for (int tid = 0; tid < active_threads; ++tid) map_stash(a, p, sm, role_of(a, p, tid), ms[tid]);
         map_block_reduce(a, p, sm, b, blk, 0, 1);
       }
     }
@@ -73,7 +74,7 @@ template <int CS_MAX>
 void backward_impl(const Args& a, const Plan& p) {
   Smem smem(p);
   float* sm = smem.data();
-  const int active_threads = p.G * a.Ct;
+  const int active_threads = p.G * p.H * a.Ct;
   const float gscale = *a.grad_scale;
   std::vector<Accumulators<CS_MAX>> acc(active_threads);
   std::vector<float> stat0(active_threads), stat1(active_threads);
@@ -93,7 +94,8 @@ void backward_impl(const Args& a, const Plan& p) {
       for (int set = blk * p.sets_per_block; set < set_end; ++set) {
         const int t0 = set * p.G;
         for (int tid = 0; tid < active_threads; ++tid) {
-          const int c = tid % a.Ct, g = tid / a.Ct;
+          const Role role = role_of(a, p, tid);
+          const int c = role.c, g = role.g;
           if (a.mode == kRow && t0 + g < a.T) {
             const int64_t i = (int64_t(b) * a.Ct + c) * a.T + t0 + g;
             stat0[tid] = a.stat0[i];
@@ -104,10 +106,10 @@ void backward_impl(const Args& a, const Plan& p) {
           const int kc_len = std::min(p.KC, a.K - k0);
           load_tile(a, p, sm, b, t0, k0, 0, 1);
           for (int tid = 0; tid < active_threads; ++tid) {
-            const int c = tid % a.Ct, g = tid / a.Ct;
+            const Role role = role_of(a, p, tid);
             float w[CS_MAX];
-            thread_weights<CS_MAX>(a, p, sm, c, w);
-            backward_thread<CS_MAX>(a, p, sm, c, g, w, kc_len, gscale, stat0[tid], stat1[tid], acc[tid].dw,
+            thread_weights<CS_MAX>(a, p, sm, role.c, w);
+            backward_thread<CS_MAX>(a, p, sm, role, w, kc_len, gscale, stat0[tid], stat1[tid], acc[tid].dw,
                                     acc[tid].db);
           }
           if (a.need_ds) {
@@ -117,11 +119,10 @@ void backward_impl(const Args& a, const Plan& p) {
         }
       }
       for (int k0 = 0; k0 < a.Cs; k0 += p.dw_chunk) {
-        for (int tid = 0; tid < active_threads; ++tid)
-          dw_stash<CS_MAX>(a, p, sm, tid % a.Ct, tid / a.Ct, k0, acc[tid].dw);
+        for (int tid = 0; tid < active_threads; ++tid) dw_stash<CS_MAX>(a, p, sm, role_of(a, p, tid), k0, acc[tid].dw);
         dw_block_reduce(a, p, sm, b, blk, k0, 0, 1);
       }
-      for (int tid = 0; tid < active_threads; ++tid) db_stash(a, p, sm, tid % a.Ct, tid / a.Ct, acc[tid].db);
+      for (int tid = 0; tid < active_threads; ++tid) db_stash(a, p, sm, role_of(a, p, tid), acc[tid].db);
       db_block_reduce(a, p, sm, b, blk, 0, 1);
     }
   }

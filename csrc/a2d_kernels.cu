@@ -22,10 +22,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args args, Plan p, co
   const int b = blockIdx.y, blk = blockIdx.x, tid = threadIdx.x, nth = blockDim.x;
   load_params(a, p, sm, tid, nth);
   __syncthreads();
-  const int c = tid % a.Ct, g = tid / a.Ct;
-  const bool active = g < p.G;
+  const Role role = role_of(a, p, tid);
+  const bool active = role.active;
   float w[CS_MAX];
-  thread_weights<CS_MAX>(a, p, sm, active ? c : 0, w);
+  thread_weights<CS_MAX>(a, p, sm, role.c, w);
   MapStats ms = map_empty();
   const int set_end = min(p.n_sets, (blk + 1) * p.sets_per_block);
   for (int set = blk * p.sets_per_block; set < set_end; ++set) {
@@ -34,13 +34,18 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args args, Plan p, co
     for (int k0 = 0; k0 < a.K; k0 += p.KC) {
       load_tile(a, p, sm, b, t0, k0, tid, nth);
       __syncthreads();
-      if (active) forward_thread<CS_MAX>(a, p, sm, c, g, w, min(p.KC, a.K - k0), ms, rs);
+      if (active) forward_thread<CS_MAX>(a, p, sm, role, w, min(p.KC, a.K - k0), ms, rs);
       __syncthreads();
     }
-    if (active && a.mode == kRow) forward_row_done(a, b, c, t0 + g, rs);
+    if (a.mode == kRow) {
+      if (active) row_stash(a, p, sm, role, rs);
+      __syncthreads();
+      row_set_done(a, p, sm, b, t0, tid, nth);
+      __syncthreads();  // the next set's tile overwrites the staging region
+    }
   }
   if (a.mode == kMap) {
-    if (active) map_stash(p, sm, a.Ct, c, g, ms);
+    if (active) map_stash(a, p, sm, role, ms);
     __syncthreads();
     map_block_reduce(a, p, sm, b, blk, tid, nth);
   }
@@ -63,10 +68,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Args args, Plan p, c
   const int b = blockIdx.y, blk = blockIdx.x, tid = threadIdx.x, nth = blockDim.x;
   load_params(a, p, sm, tid, nth);
   __syncthreads();
-  const int c = tid % a.Ct, g = tid / a.Ct;
-  const bool active = g < p.G;
+  const Role role = role_of(a, p, tid);
+  const bool active = role.active;
+  const int c = role.c, g = role.g;
   float w[CS_MAX], dw[CS_MAX];
-  thread_weights<CS_MAX>(a, p, sm, active ? c : 0, w);
+  thread_weights<CS_MAX>(a, p, sm, c, w);
 #pragma unroll
   for (int k = 0; k < CS_MAX; ++k) dw[k] = 0.f;
   float db = 0.f;
@@ -88,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Args args, Plan p, c
       const int kc_len = min(p.KC, a.K - k0);
       load_tile(a, p, sm, b, t0, k0, tid, nth);
       __syncthreads();
-      if (active) backward_thread<CS_MAX>(a, p, sm, c, g, w, kc_len, gscale, stat0, stat1, dw, db);
+      if (active) backward_thread<CS_MAX>(a, p, sm, role, w, kc_len, gscale, stat0, stat1, dw, db);
       __syncthreads();
       if (a.need_ds) {
         backward_ds(a, p, sm, kc_len, tid, nth);
@@ -99,12 +105,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Args args, Plan p, c
     }
   }
   for (int k0 = 0; k0 < a.Cs; k0 += p.dw_chunk) {
-    if (active) dw_stash<CS_MAX>(a, p, sm, c, g, k0, dw);
+    if (active) dw_stash<CS_MAX>(a, p, sm, role, k0, dw);
     __syncthreads();
     dw_block_reduce(a, p, sm, b, blk, k0, tid, nth);
     __syncthreads();
   }
-  if (active) db_stash(a, p, sm, c, g, db);
+  if (active) db_stash(a, p, sm, role, db);
   __syncthreads();
   db_block_reduce(a, p, sm, b, blk, tid, nth);
 }

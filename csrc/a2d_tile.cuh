@@ -9,15 +9,16 @@
 // Work decomposition (one thread block = one batch element b and a range of "row sets"):
 //   * a tile is G query rows x KC keys of every student channel (S) and teacher
 //     channel (A), staged in shared memory as fp32 in the layout [g][channel][KCP];
-//   * thread (c, g) with c = tid % Ct, g = tid / Ct owns teacher channel c of row g:
-//     it keeps row c of the mixing matrix in registers, mixes Z[c] for 4 keys at a
+//   * thread (c, g, h) (see Role) owns teacher channel c of row g, keys 4h.. in steps of
+//     4H: it keeps row c of the mixing matrix in registers, mixes Z[c] for 4 keys at a
 //     time (Cs FMAs per key, S read as float4 broadcasts) and folds them into its own
-//     running statistics, so no cross-thread reduction happens inside the hot loop;
-//   * "map" mode: per-thread statistics are merged over g in a fixed order at the end
+//     running statistics, so no cross-thread reduction happens inside the hot loop. H > 1
+//     only when Ct * G alone would leave threads idle (many teacher channels, short T);
+//   * "map" mode: per-thread statistics are merged over (g, h) in a fixed order at the end
 //     of the block and written to a per-block partial buffer; a finish pass merges the
-//     blocks in a fixed order. "row" mode: a row's statistics are complete when its last
-//     key chunk is done and are written per (b, c, t). No atomics: results are bitwise
-//     reproducible.
+//     blocks in a fixed order. "row" mode: when a row's last key chunk is done, its H
+//     partial statistics are merged in order and written per (b, c, t). No atomics:
+//     results are bitwise reproducible.
 #pragma once
 
 #include <cmath>
@@ -99,6 +100,7 @@ struct ChannelTable {
 // Tile geometry and shared-memory layout (offsets in floats).
 struct Plan {
   int G;              // query rows per tile
+  int H;              // threads per (row, teacher channel), splitting the tile's keys
   int KC;             // keys per tile
   int KCP;            // padded row length: a multiple of 4 with KCP/4 odd (no bank conflicts)
   int n_sets;         // ceil(T / G) row sets per batch element
@@ -332,6 +334,33 @@ A2D_HD float row_kl(const RowStats& r) {
 }
 A2D_HD float row_lse(const RowStats& r) { return r.s == 0.f ? 0.f : r.m + log2f(r.s); }  // base 2
 
+A2D_HD RowStats row_merge(const RowStats& x, const RowStats& y) {
+  if (x.s == 0.f) return y;  // s >= 1 as soon as one entry was seen
+  if (y.s == 0.f) return x;
+  const float m = fmaxf(x.m, y.m);
+  return RowStats{m, x.s * exp2f(x.m - m) + y.s * exp2f(y.m - m), x.pa + y.pa, x.palogp + y.palogp,
+                  (x.pz - (m - x.m) * x.pa) + (y.pz - (m - y.m) * y.pa)};
+}
+
+// ---------------------------------------------------------------------------------
+// Which (teacher channel c, tile row g, key group h) a thread of the block owns; slot =
+// h * G + g numbers the threads of one channel (the order block reductions merge in).
+struct Role {
+  int c, g, h, slot;
+  bool active;
+};
+
+A2D_HD Role role_of(const Args& a, const Plan& p, int tid) {
+  Role r;
+  r.c = tid % a.Ct;
+  const int rest = tid / a.Ct;
+  r.g = rest % p.G;
+  r.h = rest / p.G;
+  r.slot = rest;
+  r.active = r.h < p.H;
+  return r;
+}
+
 // ---------------------------------------------------------------------------------
 // Tile phases. Cooperative phases take (tid, nthreads) and stride over their work; the
 // kernels call them with (threadIdx.x, blockDim.x), the host emulation with (0, 1).
@@ -427,8 +456,9 @@ A2D_HD void mix4(const float (&w)[CS_MAX], const float* s_rows, int Cs, int KCP,
 
 // Forward, thread (c, g): fold this tile's entries of row g, channel c into the stats.
 template <int CS_MAX>
-A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, int c, int g,
+A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, const Role& role,
                            const float (&w)[CS_MAX], int kc_len, MapStats& ms, RowStats& rs) {
+  const int c = role.c, g = role.g;
   if (sm[p.off_row_ok + g] == 0.f) return;
   const float* s_rows = sm + p.off_s + g * a.Cs * p.KCP;
   const float* a_row = sm + p.off_a + (g * a.Ct + c) * p.KCP;
@@ -436,7 +466,7 @@ A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, int c,
   const float bias = thread_bias2(p, sm, c);
   // map: the teacher values are logits too, so they go to base 2; row: probabilities.
   const float a_scale = a.mode == kMap ? kLog2e : 1.f;
-  for (int kk = 0; kk < kc_len; kk += 4) {
+  for (int kk = 4 * role.h; kk < kc_len; kk += 4 * p.H) {
     float z[4];
     mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, bias, z);
     const F4 a4 = load4(a_row + kk);
@@ -457,24 +487,46 @@ A2D_HD void forward_row_done(const Args& a, int b, int c, int t, const RowStats&
   a.work[i] = row_kl(rs);
 }
 
-// Map mode, end of block: thread (c, g) parks its stats in the staging region ...
-A2D_HD void map_stash(const Plan& p, float* sm, int Ct, int c, int g, const MapStats& ms) {
-  float* dst = sm + p.off_s + (g * Ct + c) * kMapFields;
-  dst[0] = ms.mz; dst[1] = ms.sz; dst[2] = ms.ma; dst[3] = ms.sa; dst[4] = ms.u;
-}
-
 A2D_HD MapStats map_read(const float* src) { return MapStats{src[0], src[1], src[2], src[3], src[4]}; }
 
 A2D_HD void map_write(float* dst, const MapStats& s) {
   dst[0] = s.mz; dst[1] = s.sz; dst[2] = s.ma; dst[3] = s.sa; dst[4] = s.u;
 }
 
-// ... and thread c (< Ct) merges g = 0..G-1 in order into the block's partial.
-A2D_HD void map_block_reduce(const Args& a, const Plan& p, const float* sm, int b, int blk, int tid,
-                             int nth) {
+// Staging slot of a thread's 5-float statistics in the shared-memory region.
+A2D_HD float* stash_slot(const Args& a, const Plan& p, float* sm, int c, int slot) {
+  return sm + p.off_s + (slot * a.Ct + c) * kMapFields;
+}
+
+// Row mode, after the last key chunk of a row set: each thread parks its row partial ...
+A2D_HD void row_stash(const Args& a, const Plan& p, float* sm, const Role& role, const RowStats& rs) {
+  float* dst = stash_slot(a, p, sm, role.c, role.slot);
+  dst[0] = rs.m; dst[1] = rs.s; dst[2] = rs.pa; dst[3] = rs.palogp; dst[4] = rs.pz;
+}
+
+// ... and one thread per (c, g) merges h = 0..H-1 in order and writes the row's results.
+A2D_HD void row_set_done(const Args& a, const Plan& p, float* sm, int b, int t0, int tid, int nth) {
+  for (int i = tid; i < a.Ct * p.G; i += nth) {
+    const int c = i % a.Ct, g = i / a.Ct;
+    RowStats acc = row_empty();
+    for (int h = 0; h < p.H; ++h) {
+      const float* src = stash_slot(a, p, sm, c, h * p.G + g);
+      acc = row_merge(acc, RowStats{src[0], src[1], src[2], src[3], src[4]});
+    }
+    forward_row_done(a, b, c, t0 + g, acc);
+  }
+}
+
+// Map mode, end of block: every thread parks its stats ...
+A2D_HD void map_stash(const Args& a, const Plan& p, float* sm, const Role& role, const MapStats& ms) {
+  map_write(stash_slot(a, p, sm, role.c, role.slot), ms);
+}
+
+// ... and thread c (< Ct) merges the G * H slots in order into the block's partial.
+A2D_HD void map_block_reduce(const Args& a, const Plan& p, float* sm, int b, int blk, int tid, int nth) {
   for (int c = tid; c < a.Ct; c += nth) {
     MapStats acc = map_empty();
-    for (int g = 0; g < p.G; ++g) acc = map_merge(acc, map_read(sm + p.off_s + (g * a.Ct + c) * kMapFields));
+    for (int slot = 0; slot < p.G * p.H; ++slot) acc = map_merge(acc, map_read(stash_slot(a, p, sm, c, slot)));
     map_write(a.work + ((int64_t(b) * p.n_blocks + blk) * a.Ct + c) * kMapFields, acc);
   }
 }
@@ -503,15 +555,16 @@ A2D_HD void row_finish(const Args& a, int i) {
 //   row: dZ = g * (q * P - a) = g * (2^(z2 - lse2) * P - a);
 // zero where the entry does not take part (stat0 / stat1: the saved base-2 statistics).
 template <int CS_MAX>
-A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, int c, int g, const float (&w)[CS_MAX],
+A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, const Role& role, const float (&w)[CS_MAX],
                             int kc_len, float gscale, float stat0, float stat1, float (&dw)[CS_MAX],
                             float& db) {
+  const int c = role.c, g = role.g;
   const float* s_rows = sm + p.off_s + g * a.Cs * p.KCP;
   float* a_row = sm + p.off_a + (g * a.Ct + c) * p.KCP;
   const float* key_ok = sm + p.off_key_ok;
   const bool row_ok = sm[p.off_row_ok + g] != 0.f;
   const float bias = thread_bias2(p, sm, c);
-  for (int kk = 0; kk < kc_len; kk += 4) {
+  for (int kk = 4 * role.h; kk < kc_len; kk += 4 * p.H) {
     float dz[4] = {0.f, 0.f, 0.f, 0.f};
     if (row_ok) {
       float z[4];
@@ -577,17 +630,17 @@ A2D_HD void store_ds(const Args& a, const Plan& p, const float* sm, int b, int t
   }
 }
 
-// Backward, end of block: d_weight / d_bias of the block, summed over g in order.
+// Backward, end of block: d_weight / d_bias of the block, summed over the slots in order.
 // Round r stages columns [k0, k0 + dw_chunk) of every thread's accumulators ...
 template <int CS_MAX>
-A2D_HD void dw_stash(const Args& a, const Plan& p, float* sm, int c, int g, int k0, const float (&dw)[CS_MAX]) {
-  float* dst = sm + p.off_s + (g * a.Ct + c) * p.dw_chunk;
+A2D_HD void dw_stash(const Args& a, const Plan& p, float* sm, const Role& role, int k0, const float (&dw)[CS_MAX]) {
+  float* dst = sm + p.off_s + (role.slot * a.Ct + role.c) * p.dw_chunk;
   A2D_UNROLL
   for (int k = 0; k < CS_MAX; ++k)
     if (k >= k0 && k < k0 + p.dw_chunk && k < a.Cs) dst[k - k0] = dw[k];
 }
 
-// ... and the block sums them over g into its partial row.
+// ... and the block sums them over the slots into its partial row.
 A2D_HD void dw_block_reduce(const Args& a, const Plan& p, const float* sm, int b, int blk, int k0, int tid,
                             int nth) {
   const int width = a.Cs - k0 < p.dw_chunk ? a.Cs - k0 : p.dw_chunk;
@@ -595,20 +648,20 @@ A2D_HD void dw_block_reduce(const Args& a, const Plan& p, const float* sm, int b
   for (int o = tid; o < a.Ct * width; o += nth) {
     const int c = o / width, j = o - c * width;
     float sum = 0.f;
-    for (int g = 0; g < p.G; ++g) sum += sm[p.off_s + (g * a.Ct + c) * p.dw_chunk + j];
+    for (int slot = 0; slot < p.G * p.H; ++slot) sum += sm[p.off_s + (slot * a.Ct + c) * p.dw_chunk + j];
     part[c * a.Cs + k0 + j] = sum;
   }
 }
 
-A2D_HD void db_stash(const Args& a, const Plan& p, float* sm, int c, int g, float db) {
-  sm[p.off_s + g * a.Ct + c] = db;
+A2D_HD void db_stash(const Args& a, const Plan& p, float* sm, const Role& role, float db) {
+  sm[p.off_s + role.slot * a.Ct + role.c] = db;
 }
 
 A2D_HD void db_block_reduce(const Args& a, const Plan& p, const float* sm, int b, int blk, int tid, int nth) {
   float* part = a.work + (int64_t(b) * p.n_blocks + blk) * (int64_t(a.Ct) * a.Cs + a.Ct) + int64_t(a.Ct) * a.Cs;
   for (int c = tid; c < a.Ct; c += nth) {
     float sum = 0.f;
-    for (int g = 0; g < p.G; ++g) sum += sm[p.off_s + g * a.Ct + c];
+    for (int slot = 0; slot < p.G * p.H; ++slot) sum += sm[p.off_s + slot * a.Ct + c];
     part[c] = sum;
   }
 }

@@ -110,6 +110,7 @@ PYBIND11_MODULE(_C, m) {
         py::dict out;
         out["rows_per_tile"] = p.G;
         out["keys_per_tile"] = p.KC;
+        out["key_groups"] = p.H;
         out["blocks_per_batch"] = p.n_blocks;
         out["smem_bytes"] = p.smem_floats * 4;
         out["forward_work_floats"] = p.forward_work_floats(a);
