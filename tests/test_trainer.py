@@ -335,6 +335,15 @@ def test_teacher_that_does_not_match_the_preset_is_a_clear_error(toy, tmp_path):
     assert not run.exists()
 
 
+def test_a_fresh_run_refuses_to_overwrite_an_existing_one(toy):
+    from a2d_trainer.train import train
+
+    before = toy["teacher"].read_bytes()
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(train_config(toy["data"], toy["teacher"].parent, max_steps=1))
+    assert toy["teacher"].read_bytes() == before
+
+
 def test_bad_data_is_reported_before_any_output(tmp_path):
     from a2d_trainer.cli import main
 

@@ -250,19 +250,30 @@ class Seq2SeqTransformer(nn.Module):
             maps.append(probs)
         return x, (maps if need_attn else None)
 
-    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor,
-               src_padding_mask: Optional[torch.Tensor] = None,
-               tgt_padding_mask: Optional[torch.Tensor] = None,
-               need_attn: bool = False) -> Tuple[torch.Tensor, Optional[AttentionMaps]]:
+    def decoder_states(self, tgt_in: torch.Tensor, memory: torch.Tensor,
+                       src_padding_mask: Optional[torch.Tensor] = None,
+                       tgt_padding_mask: Optional[torch.Tensor] = None,
+                       need_attn: bool = False) -> Tuple[torch.Tensor, Optional[AttentionMaps]]:
+        """The decoder's last hidden states (B, T, D), before the output projection."""
         x = self._embed(tgt_in)
         self_maps, cross_maps = [], []
         for layer in self.decoder_layers:
             x, self_probs, cross_probs = layer(x, memory, tgt_padding_mask, src_padding_mask, need_attn)
             self_maps.append(self_probs)
             cross_maps.append(cross_probs)
-        logits = F.linear(x, self.embed.weight)  # tied output projection
         maps = {"decoder_self": self_maps, "decoder_cross": cross_maps} if need_attn else None
-        return logits, maps
+        return x, maps
+
+    def output_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of decoder states: the tied output projection."""
+        return F.linear(states, self.embed.weight)
+
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor,
+               src_padding_mask: Optional[torch.Tensor] = None,
+               tgt_padding_mask: Optional[torch.Tensor] = None,
+               need_attn: bool = False) -> Tuple[torch.Tensor, Optional[AttentionMaps]]:
+        states, maps = self.decoder_states(tgt_in, memory, src_padding_mask, tgt_padding_mask, need_attn)
+        return self.output_logits(states), maps
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor,
                 src_padding_mask: Optional[torch.Tensor] = None,

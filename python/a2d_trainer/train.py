@@ -397,6 +397,9 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
     if cfg.kd != "none":
         teacher, teacher_config = _load_teacher(cfg, ctx.device)
     run_dir = Path(cfg.run_dir)
+    if not cfg.resume and (run_dir / LAST).exists():
+        raise ValueError(f"run_dir {run_dir} already holds a run ({LAST}); resume it (--resume) "
+                         f"or choose another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _prepare_tokenizer(cfg, ctx, train_pairs, cfg.teacher if cfg.kd != "none" else None)
@@ -459,6 +462,8 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
         ddp = nn.parallel.DistributedDataParallel(
             module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
+    if not resumed and ctx.is_main:  # a fresh run starts a fresh log
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
     logger = _Logger(run_dir / "log.jsonl", ctx.is_main)
     logger.write({"kind": "start", "resumed": resumed, "step": step, "epoch": epoch, "world_size": ctx.world_size,
                   "config": dataclasses.asdict(cfg), "model_config": model_config.to_dict(),

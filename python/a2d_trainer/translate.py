@@ -19,6 +19,13 @@ def _length_limits(src_padding_mask: torch.Tensor, max_len_a: float, max_len_b: 
     return [max(1, int(max_len_a * n + max_len_b)) for n in src_lengths]
 
 
+def _next_token_logprobs(model: Seq2SeqTransformer, tokens, memory, src_padding_mask) -> torch.Tensor:
+    """fp32 log-probabilities of the next token; only the last position is projected
+    onto the vocabulary (the projection dominates the decoder's cost)."""
+    states, _ = model.decoder_states(tokens, memory, src_padding_mask)
+    return torch.log_softmax(model.output_logits(states[:, -1]).float(), dim=-1)
+
+
 def _forbid_specials(lprobs: torch.Tensor, pad_id: int, bos_id: int) -> None:
     lprobs[:, pad_id] = float("-inf")
     if bos_id != pad_id:
@@ -36,8 +43,7 @@ def greedy_search(model: Seq2SeqTransformer, src: torch.Tensor, src_padding_mask
     tokens = torch.full((b, 1), bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(b, dtype=torch.bool, device=src.device)
     for step in range(int(limits.max())):
-        logits, _ = model.decode(tokens, memory, src_padding_mask)
-        lprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        lprobs = _next_token_logprobs(model, tokens, memory, src_padding_mask)
         _forbid_specials(lprobs, pad_id, bos_id)
         nxt = lprobs.argmax(-1)
         nxt = torch.where(step + 1 >= limits, torch.full_like(nxt, eos_id), nxt)
@@ -73,8 +79,7 @@ def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, src_padding_mask: 
     finished: List[List[tuple]] = [[] for _ in range(b)]
     active = [True] * b
     for step in range(max(limits)):
-        logits, _ = model.decode(tokens, memory, mask)
-        lprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        lprobs = _next_token_logprobs(model, tokens, memory, mask)
         _forbid_specials(lprobs, pad_id, bos_id)
         vocab = lprobs.size(-1)
         for i, limit in enumerate(limits):
