@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from .problem import FLOAT_DTYPES, A2DProblem, make_problem
 from .reference import a2d_kl_reference
@@ -291,6 +292,114 @@ class QKA2DKL(torch.autograd.Function):
         return None, None, dq, dk, None, None, dweight, dbias
 
 
+# ----------------------------------------------------------------- torch.compile
+# The kernels launch on raw pointers, which fails on the fake tensors torch.compile
+# traces with, so compiled code reaches them through two opaque custom ops (the same
+# design as ``a2d_kernels.custom_ops`` for the map path; eager mode keeps the cheaper
+# ``QKA2DKL``). The ops take the stacked, already checked tensors.
+
+def _repack(sq, sk, tq, tk, weight, bias, key_valid, query_valid, student_scale, teacher_scale,
+            causal, normalize, reduction) -> QKProblem:
+    B, Cs, T, _ = sq.shape
+    K, Ct = sk.shape[2], tq.shape[1]
+    stand_in = torch.zeros((), dtype=sq.dtype, device=sq.device)
+    maps = A2DProblem(student=(stand_in.expand(B, Cs, T, K),), teacher=(stand_in.expand(B, Ct, T, K),),
+                      weight=weight, bias=bias, key_valid=key_valid, query_valid=query_valid,
+                      normalize=normalize, reduction=reduction)
+    return QKProblem(sq, sk, tq, tk, student_scale, teacher_scale, causal, maps)
+
+
+def _triton_kernels():
+    from .ops import triton_qk
+    return triton_qk
+
+
+@torch.library.custom_op("a2d_kernels::a2d_kl_qk_fwd", mutates_args=())
+def a2d_kl_qk_fwd(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor, weight: Tensor,
+                  bias: Optional[Tensor], key_valid: Optional[Tensor], query_valid: Optional[Tensor],
+                  student_scale: float, teacher_scale: float, causal: bool, normalize: str,
+                  reduction: str) -> Tuple[Tensor, List[Tensor]]:
+    """(reduced loss, saved statistics) of the Triton QK kernels."""
+    problem = _repack(student_q, student_k, teacher_q, teacher_k, weight, bias, key_valid, query_valid,
+                      student_scale, teacher_scale, causal, normalize, reduction)
+    kl, saved = _triton_kernels().forward(problem)
+    return kl.sum() / problem.maps.reduction_denominator(), [t.contiguous() for t in saved]
+
+
+@a2d_kl_qk_fwd.register_fake
+def _a2d_kl_qk_fwd_fake(student_q, student_k, teacher_q, teacher_k, weight, bias, key_valid, query_valid,
+                        student_scale, teacher_scale, causal, normalize, reduction):
+    B, Cs, T, _ = student_q.shape
+    Ct = teacher_q.shape[1]
+
+    def new(*shape):
+        return student_q.new_empty(shape, dtype=torch.float32)
+
+    # Exactly what triton_qk.forward saves: lse_s, lse_t, shifts.
+    return new(), [new(B, Cs, T), new(B, Ct, T), new(3, B, Ct, T)]
+
+
+def _like(grad: Tensor, like: Tensor) -> Tensor:
+    """``grad`` laid out as ``torch.empty_like(like)``, the layout the fake promises."""
+    if grad.stride() == torch.empty_like(like, device="meta").stride():
+        return grad
+    return torch.empty_like(like).copy_(grad)
+
+
+@torch.library.custom_op("a2d_kernels::a2d_kl_qk_bwd", mutates_args=())
+def a2d_kl_qk_bwd(grad_loss: Tensor, student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor,
+                  weight: Tensor, bias: Optional[Tensor], key_valid: Optional[Tensor],
+                  query_valid: Optional[Tensor], saved: List[Tensor], student_scale: float,
+                  teacher_scale: float, causal: bool, normalize: str, reduction: str,
+                  need_qk: bool) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
+    """([dQ, dK] or [], dweight, [dbias] or []) of the Triton QK kernels."""
+    problem = _repack(student_q, student_k, teacher_q, teacher_k, weight, bias, key_valid, query_valid,
+                      student_scale, teacher_scale, causal, normalize, reduction)
+    grad_scale = (grad_loss.to(torch.float32) / problem.maps.reduction_denominator()).reshape(())
+    dq, dk, dweight, dbias = _triton_kernels().backward(problem, tuple(saved), grad_scale, need_qk)
+    d_qk = [_like(dq, student_q), _like(dk, student_k)] if need_qk else []
+    return d_qk, _like(dweight, weight), [] if dbias is None else [_like(dbias, bias)]
+
+
+@a2d_kl_qk_bwd.register_fake
+def _a2d_kl_qk_bwd_fake(grad_loss, student_q, student_k, teacher_q, teacher_k, weight, bias, key_valid,
+                        query_valid, saved, student_scale, teacher_scale, causal, normalize, reduction, need_qk):
+    d_qk = [torch.empty_like(student_q), torch.empty_like(student_k)] if need_qk else []
+    return d_qk, torch.empty_like(weight), [] if bias is None else [torch.empty_like(bias)]
+
+
+def _qk_setup_context(ctx, inputs, output):
+    sq, sk, tq, tk, weight, bias, key_valid, query_valid, *meta = inputs
+    _, saved = output
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(sq, sk, tq, tk, weight, bias, key_valid, query_valid, *saved)
+    ctx.meta = tuple(meta)
+
+
+def _qk_backward(ctx, grad_loss, _grad_saved):
+    sq, sk, tq, tk, weight, bias, key_valid, query_valid, *saved = ctx.saved_tensors
+    need_qk = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    d_qk, dweight, dbias = a2d_kl_qk_bwd(grad_loss, sq, sk, tq, tk, weight, bias, key_valid, query_valid,
+                                         saved, *ctx.meta, need_qk)
+    dq, dk = d_qk if need_qk else (None, None)
+    return (dq, dk, None, None, dweight, dbias[0] if dbias else None, None, None, None, None, None, None, None)
+
+
+a2d_kl_qk_fwd.register_autograd(_qk_backward, setup_context=_qk_setup_context)
+
+
+def _fused(kernels, problem: QKProblem) -> torch.Tensor:
+    """Eager: the autograd Function (least Python overhead); compiled: the custom ops."""
+    if torch.compiler.is_compiling():
+        loss, _ = a2d_kl_qk_fwd(problem.student_q, problem.student_k, problem.teacher_q, problem.teacher_k,
+                                problem.weight, problem.bias, problem.key_valid, problem.query_valid,
+                                problem.student_scale, problem.teacher_scale, problem.causal,
+                                problem.normalize, problem.reduction)
+        return loss
+    return QKA2DKL.apply(kernels, problem, problem.student_q, problem.student_k,
+                         problem.teacher_q, problem.teacher_k, problem.weight, problem.bias)
+
+
 def _select(backend: str, problem: QKProblem):
     """The Triton kernels module to run, or None for the reference. Raises for a bad request."""
     if backend not in QK_BACKENDS:
@@ -368,5 +477,4 @@ def a2d_kl_qk(
     kernels = _select(backend, problem)
     if kernels is None:
         return a2d_kl_qk_reference(problem)
-    return QKA2DKL.apply(kernels, problem, problem.student_q, problem.student_k,
-                         problem.teacher_q, problem.teacher_k, problem.weight, problem.bias)
+    return _fused(kernels, problem)

@@ -218,8 +218,9 @@ def test_triton_low_precision(dtype):
 
 def test_triton_deterministic_and_teacher_gets_no_grad():
     B, sh, th, T, K, Ds, Dt = SHAPE
-    sq, sk, tq, tk, weight, bias = [cast(x, torch.float32) if isinstance(x, list) else x.detach().float().requires_grad_(True)
-                                    for x in make_case(B, sh, th, T, K, Ds, Dt, seed=5)]
+    sq, sk, tq, tk, weight, bias = make_case(B, sh, th, T, K, Ds, Dt, seed=5)
+    sq, sk, tq, tk = [cast(x, torch.float32) for x in (sq, sk, tq, tk)]
+    weight, bias = cast([weight, bias], torch.float32)
     tq = [t.requires_grad_(True) for t in tq]
     runs = []
     for _ in range(2):
@@ -235,6 +236,45 @@ def test_auto_on_cpu_is_the_reference():
     case = make_case(1, [2], [2], 4, 5, 4, 4)
     auto = a2d_kl_qk(*case, backend="auto")
     assert torch.equal(auto, a2d_kl_qk(*case, backend="reference"))
+
+
+def test_triton_under_torch_compile_fullgraph():
+    """A compiled step (loss + autograd.grad) is one graph through the QK custom ops and
+    gives the eager result; opcheck validates the op registration (fake, autograd)."""
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        pytest.skip("this torch cannot trace torch.autograd.grad into a graph")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from a2d_kernels.qk import a2d_kl_qk_fwd, make_qk_problem
+    B, T = 2, 10
+    sq, sk, tq, tk, w, b = make_case(B, [2], [3], T, T, 4, 4, seed=8)
+    sq, sk, tq, tk = [cast(x, torch.float32)[0] for x in (sq, sk, tq, tk)]
+    w, b = cast([w, b], torch.float32)
+    kpm, qm = _pad_masks(B, T, T, left_pad_keys=True)
+    kw = dict(causal=True, key_padding_mask=kpm, query_mask=qm, normalize="row", reduction="mean")
+
+    def step(sq, sk, tq, tk, w, b):
+        loss = a2d_kl_qk(sq, sk, tq, tk, w, b, backend="triton", **kw)
+        return (loss.detach(), *torch.autograd.grad(loss, [sq, sk, w, b]))
+
+    graphs = []
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return counter(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        got = torch.compile(step, backend=record, fullgraph=True)(sq, sk, tq, tk, w, b)
+    assert counter.frame_count == 1 and "a2d_kl_qk_fwd" in graphs[0]
+    for g, e in zip(got, step(sq, sk, tq, tk, w, b)):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-8)
+
+    p = make_qk_problem(sq, sk, tq, tk, w, b, **kw)
+    torch.library.opcheck(a2d_kl_qk_fwd, (p.student_q, p.student_k, p.teacher_q, p.teacher_k, p.weight, p.bias,
+                                          p.key_valid, p.query_valid, p.student_scale, p.teacher_scale,
+                                          p.causal, p.normalize, p.reduction))
 
 
 # ------------------------------------------------------------------------- errors
@@ -306,7 +346,10 @@ def test_triton_gpu_matches_reference(normalize, dtype):
                             for x in case]
     kw = dict(normalize=normalize, causal=True, key_padding_mask=kpm.to(dev), query_mask=qm.to(dev))
     loss, got = loss_and_grads(a2d_kl_qk, sq, sk, tq, tk, w, b, backend="triton", **kw)
-    up = lambda x: [t.detach().double().requires_grad_(t.requires_grad) for t in x]
+
+    def up(x):
+        return [t.detach().double().requires_grad_(t.requires_grad) for t in x]
+
     ref, ref_grads = loss_and_grads(a2d_kl_qk, up(sq), up(sk), up(tq), up(tk), up([w])[0], up([b])[0],
                                     backend="reference", **kw)
     rtol = 1e-4 if dtype == torch.float32 else 1e-2

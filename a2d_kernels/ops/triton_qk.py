@@ -235,8 +235,10 @@ def _forward_stats_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ct, mask=ct < Ct, other=0.0).to(tl.float32)
     query_ok = _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
-    sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds, BLOCK_DS, DOT_FP32)
-    tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt, BLOCK_DT, DOT_FP32)
+    sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds,
+                     BLOCK_DS, DOT_FP32)
+    tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt,
+                     BLOCK_DT, DOT_FP32)
 
     z_max = tl.full((CT_BLOCK, BLOCK_T), -1e30, tl.float32)
     z_sum = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
@@ -251,9 +253,11 @@ def _forward_stats_kernel(
         vis = _visible(t, k, key_ok, T, CAUSAL)
         in_loss = (query_ok[:, None] & key_ok[None, :])[None, :, :]
 
-        sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds, BLOCK_DS, DOT_FP32)
+        sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds,
+                         BLOCK_DS, DOT_FP32)
         S = _probs(_scores(sq, sk, DOT_FP32, F32_DOT), lse_s_ptr, b, cs, t, Cs * T, T, Cs, T, scale_s, vis)
-        tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt, BLOCK_DT, DOT_FP32)
+        tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt,
+                         BLOCK_DT, DOT_FP32)
         A = _probs(_scores(tq, tk, DOT_FP32, F32_DOT), lse_t_ptr, b, ct, t, Ct * T, T, Ct, T, scale_t, vis)
         Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K, F32_DOT)
 
@@ -374,8 +378,10 @@ def _backward_kernel(
     if STAGE < 2:  # query-block major: walk the key blocks
         t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
         query_ok = _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
-        sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds, BLOCK_DS, DOT_FP32)
-        tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt, BLOCK_DT, DOT_FP32)
+        sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds,
+                         BLOCK_DS, DOT_FP32)
+        tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt,
+                         BLOCK_DT, DOT_FP32)
         rs_ptrs = rowsum_base + cs[:, None] * T + t[None, :]
         rs_mask = (cs < Cs)[:, None] & (t < T)[None, :]
         if STAGE == 0:
@@ -394,8 +400,10 @@ def _backward_kernel(
         for k0 in range(0, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             key_ok = _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
-            sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds, BLOCK_DS, DOT_FP32)
-            tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt, BLOCK_DT, DOT_FP32)
+            sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds,
+                             BLOCK_DS, DOT_FP32)
+            tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt,
+                             BLOCK_DT, DOT_FP32)
             S, dS, dZ = _tile_grads(sq, sk, tq, tk, w, bias, lse_s_ptr, lse_t_ptr, shift_ptr, b, t, k, ct, cs,
                                     key_ok, query_ok, grad_scale, Cs, Ct, T, scale_s, scale_t,
                                     MAP_MODE, CAUSAL, DOT_FP32, F32_DOT, BLOCK_T, BLOCK_K, CS_PAD, CT_BLOCK)
@@ -431,8 +439,10 @@ def _backward_kernel(
     else:  # key-block major: walk the query blocks
         k = blk * BLOCK_K + tl.arange(0, BLOCK_K)
         key_ok = _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
-        sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds, BLOCK_DS, DOT_FP32)
-        tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt, BLOCK_DT, DOT_FP32)
+        sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds,
+                         BLOCK_DS, DOT_FP32)
+        tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt,
+                         BLOCK_DT, DOT_FP32)
         dk = tl.zeros((CS_PAD, BLOCK_K, BLOCK_DS), tl.float32)
         t_start = 0
         if CAUSAL:  # queries before the block's first key see none of it
@@ -440,8 +450,10 @@ def _backward_kernel(
         for t0 in range(t_start, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             query_ok = _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
-            sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds, BLOCK_DS, DOT_FP32)
-            tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt, BLOCK_DT, DOT_FP32)
+            sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds,
+                             BLOCK_DS, DOT_FP32)
+            tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt,
+                             BLOCK_DT, DOT_FP32)
             S, dS, dZ = _tile_grads(sq, sk, tq, tk, w, bias, lse_s_ptr, lse_t_ptr, shift_ptr, b, t, k, ct, cs,
                                     key_ok, query_ok, grad_scale, Cs, Ct, T, scale_s, scale_t,
                                     MAP_MODE, CAUSAL, DOT_FP32, F32_DOT, BLOCK_T, BLOCK_K, CS_PAD, CT_BLOCK)
@@ -485,13 +497,23 @@ def unsupported_reason(problem) -> Optional[str]:
     for side, t in (("student", problem.student_q), ("teacher", problem.teacher_q)):
         if t.shape[3] > MAX_HEAD_DIM:
             return f"{side} head dim must be <= {MAX_HEAD_DIM}, got {t.shape[3]}"
+    # Offsets are 32-bit in the kernels: bound every input's extent and the largest
+    # partial buffer (dQ/dK shares per teacher-channel block, at most 16 blocks wide).
+    B, Cs, T, Ds = problem.student_q.shape
+    K, Ct = problem.student_k.shape[2], problem.teacher_q.shape[1]
+    extents = [1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+               for t in (problem.student_q, problem.student_k, problem.teacher_q, problem.teacher_k)]
+    partial = triton.cdiv(Ct, 16) * B * Cs * max(T, K) * Ds
+    if max(*extents, partial, 4 * B * Ct * T) >= 2 ** 31:
+        return "inputs or buffers with 2**31 or more elements (the kernels use 32-bit offsets)"
     return None
 
 
 # Tile shapes, overridable (e.g. by a benchmark sweep or a test). On a GPU every dot
-# dimension must be >= 16. NOTE: the GPU values are first guesses, not tuned (no GPU
-# was available when this was written); ct_block trades registers against
-# recomputing the student tile once per teacher-channel block.
+# dimension must be >= 16. The GPU values were picked by compiling for sm_90 and
+# reading ptxas register/spill counts (bf16, Cs = 12, Ct = 24, d = 64; 16x16 tiles
+# with 8 warps spilled least of the sizes tried) and have NOT been timed on a GPU;
+# ct_block trades registers against recomputing the student tile per channel block.
 GPU_TILES = dict(block_t=16, block_k=16, ct_block=16, num_warps=8, f32_dot="tf32x3")
 # Small on purpose: small test shapes then span several query, key and teacher-channel
 # blocks, exercising every cross-block reduction. Speed is irrelevant there.
@@ -588,7 +610,8 @@ def forward(problem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     tiles = _tiles(problem)
     key_valid, stride_kv, query_valid, stride_qv, key_suffix = _masks(problem, sq)
     lse_s = _row_lse(sq, sk, problem.student_scale, problem, key_valid, stride_kv, tiles, tiles.cs_pad, tiles.block_ds)
-    lse_t = _row_lse(tq, tk, problem.teacher_scale, problem, key_valid, stride_kv, tiles, tiles.ct_block, tiles.block_dt)
+    lse_t = _row_lse(tq, tk, problem.teacher_scale, problem, key_valid, stride_kv, tiles, tiles.ct_block,
+                     tiles.block_dt)
 
     stats = torch.empty(B, Ct, T, 4, dtype=torch.float32, device=sq.device)
     grid = (B, triton.cdiv(T, tiles.block_t), triton.cdiv(Ct, tiles.ct_block))
