@@ -91,6 +91,23 @@ def _base_args(problem: A2DProblem, student, teacher, weight, bias, key_valid, q
     )
 
 
+# Shapes and dtypes only (no pointers), evaluated once while torch.compile traces and
+# baked into the graph: Dynamo can neither call the pybind11 planner nor read
+# data_ptr() of the tensors it traces, so the dispatch check would break the graph.
+@torch.compiler.assume_constant_result
+def _plan_error(B: int, T: int, K: int, Cs: int, Ct: int, normalize: str, dtype: torch.dtype,
+                t_dtype: torch.dtype, w_dtype: torch.dtype, b_dtype: Optional[torch.dtype]) -> Optional[str]:
+    args = dict(B=B, T=T, K=K, Cs=Cs, Ct=Ct, mode=_MODE_CODES[normalize], dtype=_DTYPE_CODES[dtype],
+                t_dtype=_DTYPE_CODES[t_dtype], w_dtype=_DTYPE_CODES[w_dtype],
+                b_dtype=0 if b_dtype is None else _DTYPE_CODES[b_dtype],
+                weight=0, bias=0, key_valid=0, query_valid=0)
+    try:
+        _C.plan(args)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 class _Launch:
     """One problem's arguments, on whichever device its tensors live (CUDA or CPU)."""
 
@@ -172,13 +189,10 @@ class CudaA2D:
                    *(() if problem.bias is None else (problem.bias,)))
         if any(t.dtype not in _DTYPE_CODES for t in tensors):
             return "float64 inputs are computed by the reference backend (the kernels take fp32/bf16/fp16)"
-        args = _base_args(problem, problem.student, problem.teacher, problem.weight, problem.bias,
-                          None, None)
-        try:
-            _C.plan(args)
-        except ValueError as exc:
-            return str(exc)
-        return None
+        bias_dtype = None if problem.bias is None else problem.bias.dtype
+        return _plan_error(problem.batch, problem.queries, problem.keys, problem.student_channels,
+                           problem.teacher_channels, problem.normalize, problem.student[0].dtype,
+                           problem.teacher[0].dtype, problem.weight.dtype, bias_dtype)
 
     def saved_specs(self, problem: A2DProblem):
         B, Ct, T = problem.batch, problem.teacher_channels, problem.queries
