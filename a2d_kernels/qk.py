@@ -22,6 +22,17 @@ diagonal are ordinary map entries with probability 0 (in "map" mode they are par
 each map's distribution, exactly as when causal maps are passed to ``a2d_kl``); only
 ``key_padding_mask`` and ``query_mask`` remove entries from the loss.
 
+Use from attention layers that run SDPA / FlashAttention: keep each layer's ``q`` and
+``k`` (``(B, H, T, d)``, after any rotary embedding, before the softmax scale) and call::
+
+    loss = a2d_kl_qk(student_qs, student_ks, teacher_qs, teacher_ks, aam.weight, aam.bias,
+                     causal=is_decoder_self_attention, key_padding_mask=pad, query_mask=qpad)
+
+Backends: ``"triton"`` (``ops/triton_qk.py``; nothing of size T*K is ever allocated),
+``"reference"`` (materializes the maps and calls ``reference.a2d_kl_reference``: the
+oracle), ``"auto"`` (Triton on CUDA, else the reference). Under ``torch.compile`` the
+Triton path runs through the custom ops ``a2d_kernels::a2d_kl_qk_fwd`` / ``_bwd``.
+
 Inputs given per layer are concatenated along the head axis before the kernels run.
 That copy is O(B*H*T*d), negligible next to one map, and it lets non-contiguous
 projections (``q.transpose(1, 2)``) in without special cases; gradients come back to

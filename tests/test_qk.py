@@ -232,6 +232,20 @@ def test_triton_deterministic_and_teacher_gets_no_grad():
         assert torch.equal(a, b)
 
 
+def test_triton_frozen_student_only_trains_the_aam():
+    """Student q, k without grad: only the weight/bias pass runs (no dQ/dK passes)."""
+    B, sh, th, T, K, Ds, Dt = SHAPE
+    sq, sk, tq, tk, weight, bias = make_case(B, sh, th, T, K, Ds, Dt, seed=9)
+    frozen = [[t.detach().float() for t in x] for x in (sq, sk, tq, tk)]
+    w, b = cast([weight, bias], torch.float32)
+    loss = a2d_kl_qk(*frozen, w, b, backend="triton", normalize="map")
+    got = torch.autograd.grad(loss, [w, b])
+    ref = oracle(*[[t.detach() for t in x] for x in (sq, sk, tq, tk)], weight, bias, normalize="map")
+    want = torch.autograd.grad(ref, [weight, bias])
+    assert_close(got[0], want[0], 1e-5, what="d weight")
+    assert_close(got[1], want[1], 0.0, atol=1e-5 * (1 + ref.abs().item()), what="d bias")
+
+
 def test_auto_on_cpu_is_the_reference():
     case = make_case(1, [2], [2], 4, 5, 4, 4)
     auto = a2d_kl_qk(*case, backend="auto")
