@@ -297,6 +297,19 @@ def test_unsupported_inputs_are_explained():
     assert triton_a2d.BACKEND.unavailable_reason(torch.device(DEVICE)) is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", ["map", "row"])
+def test_realistic_shapes_on_gpu(dtype, normalize):
+    """The GPU tile plans (larger tiles, many chunks) at the issue's shapes, batch cut."""
+    for B, T, K, sh, th in [(4, 64, 64, (4, 4, 4), (4,) * 6), (2, 128, 128, (8,) * 6, (16,) * 6)]:
+        student, teacher, weight, bias = make_case(B, T, K, sh, th, dtype=dtype)
+        key_mask, query_mask = make_masks(B, T, K, "both")
+        tol = FP32_TOL if dtype == torch.float32 else LOW_PRECISION_TOL
+        check(student, teacher, weight, bias, tol=tol, normalize=normalize,
+              key_padding_mask=key_mask, query_mask=query_mask)
+
+
 def test_kernels_lower_for_sm90():
     """The interpreter never runs the Triton compiler: compile every launch the host
     makes, at the issue's WMT-like shape (fp32) and IWSLT-like shape (bf16), for

@@ -9,26 +9,29 @@ The bias never enters: both softmaxes are invariant to a per-channel shift (whol
 map in "map" mode, whole row in "row" mode), so the bias cancels from the loss
 exactly. Leaving it out also keeps the logits small, which helps accuracy.
 
-Map mode, per (b, c) over valid positions x, with D = A - Z and p = softmax(A):
-    KL = E_p[D] + delta,  delta = lseZ - lseA = log E_p[exp(Z - A)]
-and for maps that are close (|E_p[exp(Z - A)] - 1| < 1/2)
-    delta = log1p(E_p[expm1(Z - A)]),
-else delta = (mZ - mA) + log(sZ / sA), with m a running max and s the running sum
-of exp(. - m). The naive ``cross - lseA + lseZ`` subtracts numbers of size
-log(T*K) to get a KL that is often 1e-3 of that (attention maps used as logits are
-nearly uniform), losing three decimal digits in fp32; in the form above every term
-is of the size of D's spread, and expm1/log1p keep the small ones exact.
+Map mode, per (b, c) over valid positions x, with y = Z - A and p = softmax(A):
+    KL = E_p[-y] + delta,  delta = lseZ - lseA = log E_p[exp(y)].
+Attention maps used as logits are nearly uniform, so KL is second order in y
+(~Var_p(y) / 2) while E_p[y] and delta are first order: the naive
+``cross - lseA + lseZ`` even subtracts numbers of size log(T*K), losing three to
+four decimal digits in fp32. So, with w = E_p[y], h = E_p[expm1(y) - y] (second
+order, summed from an accurate expm1_minus_x) and s = w + h = E_p[expm1(y)],
+    KL = h + (log1p(s) - s)        when |s| < 1/2 (then |delta| < 0.7),
+every term of which is of the size of KL itself. Far apart (|s| >= 1/2, or h
+overflowed) no cancellation threatens and the max-based form is used:
+    KL = E_p[-y] + (mZ - mA) + log(sZ / sA),
+m a running max and s the running sum of exp(. - m).
 """
 import triton
 import triton.language as tl
 
-from ._triton_tiles import (channel_rows, expm1, load_tile, load_weight, log1p, online_logsumexp,
-                            position_offsets, tile_positions)
+from ._triton_tiles import (channel_rows, expm1_minus_x, load_tile, load_weight, log1p,
+                            log1p_minus_x, online_logsumexp, position_offsets, tile_positions)
 
 # Map mode: the pass-1 partials hold, per (b, chunk, channel), these statistics in
 # this order (buffer (B, n_chunks, 6, Ct)); the saved statistics are (B, 5, Ct).
 # The kernels index both through strides from the host.
-MAP_PARTIALS = 6  # mZ, sZ, mA, sA, u = sum e * (A - Z), v = sum e * expm1(Z - A), e = exp(A - mA)
+MAP_PARTIALS = 6  # mZ, sZ, mA, sA, u = sum e * (A - Z), v = sum e * expm1_minus_x(Z - A); e = exp(A - mA)
 MAP_SAVED = 5  # mZ, log sZ, mA, log sA, delta
 
 
@@ -74,9 +77,9 @@ def map_forward_partials(
             m_z, s_z, _, _ = online_logsumexp(m_z, s_z, z, valid2, 1)
             m_a, s_a, alpha_a, e_a = online_logsumexp(m_a, s_a, a, valid2, 1)
             u = u * alpha_a + tl.sum(e_a * (a - z), axis=1)
-            # Far from A the expm1 may overflow (where e_a underflows: inf * 0 = NaN);
-            # the combine then takes the max-based delta instead.
-            v = v * alpha_a + tl.sum(e_a * expm1(z - a), axis=1)
+            # Far from A this may overflow (where e_a underflows: inf * 0 = NaN);
+            # the combine then takes the max-based form instead.
+            v = v * alpha_a + tl.sum(e_a * expm1_minus_x(z - a), axis=1)
 
     out = part_ptr + b * part_stride_b + chunk * part_stride_chunk + c
     tl.store(out, m_z, mask=ct_ok)
@@ -125,12 +128,13 @@ def map_forward_combine(part_ptr, part_stride_b, part_stride_chunk, part_stride_
     empty = s_a == 0.0
     safe_s_a = tl.where(empty, 1.0, s_a)
     safe_s_z = tl.where(empty, 1.0, s_z)
-    r = v / safe_s_a  # E_p[exp(Z - A)] - 1; NaN/inf when v overflowed
-    near = tl.abs(r) < 0.5
-    delta = tl.where(near, log1p(tl.where(near, r, 0.0)),
-                     (m_z - m_a) + tl.log(safe_s_z / safe_s_a))
-    delta = tl.where(empty, 0.0, delta)
-    kl = u / safe_s_a + delta
+    h = v / safe_s_a  # E_p[expm1(y) - y]; NaN/inf when v overflowed
+    s = h - u / safe_s_a  # E_p[expm1(y)]
+    near = tl.abs(s) < 0.5
+    s_near = tl.where(near, s, 0.0)
+    delta_far = (m_z - m_a) + tl.log(safe_s_z / safe_s_a)
+    delta = tl.where(empty, 0.0, tl.where(near, log1p(s_near), delta_far))
+    kl = tl.where(near, h + log1p_minus_x(s_near), u / safe_s_a + delta_far)
     tl.store(kl_ptr + b * Ct + c, tl.where(empty, 0.0, kl), mask=ct_ok)
     dst = saved_ptr + b * saved_stride_b + c
     tl.store(dst, tl.where(empty, 0.0, m_z), mask=ct_ok)
