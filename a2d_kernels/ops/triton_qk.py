@@ -14,11 +14,14 @@ Forward (nothing of size T*K is written):
      four per-row statistics (online lse of Z plus two sums, which depend on the mode).
      The host folds them into the KL of every map: O(B*Ct*T) work in PyTorch.
 
-Backward, flash-attention style (dZ -> dS -> through the softmax -> dQ, dK):
-  3. ``_rowsum_kernel``: r = sum_k dS * S per student head and row, plus per-block
-     partials of dweight and dbias.
-  4. ``_dq_kernel`` (query-block major) and 5. ``_dk_kernel`` (key-block major):
-     dlogits = S * (dS - r); dQ = scale * dlogits K, dK = scale * dlogits^T Q.
+Backward, flash-attention style (dZ -> dS -> through the softmax -> dQ, dK), three
+launches of ``_backward_kernel`` that recompute S, A, Z and dZ tile by tile:
+  STAGE 0: r = sum_k dS * S per student head and row, plus per-block partials of
+     dweight and dbias (this pass alone runs when only the AAM needs gradients).
+  STAGE 1 (query-block major) and STAGE 2 (key-block major): dlogits = S * (dS - r);
+     dQ = scale * dlogits K, dK = scale * dlogits^T Q.
+A fused dK + dQ pass (FlashAttention-2 style) would need atomics for dQ; avoided here
+for determinism (a candidate flag once timed on a GPU).
 
 Causal: query blocks skip key blocks they cannot see. Where the loss still needs those
 entries (S = A = 0, Z = bias: the forward statistics and dbias), they are added in
@@ -50,10 +53,6 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-
-# Statistic slots of the forward buffer (B, Ct, T, 4).
-_Z_MAX, _Z_SUM, _U, _V = 0, 1, 2, 3
-
 
 # ------------------------------------------------------------------ jit helpers
 
@@ -147,7 +146,7 @@ def _load_weight(w_ptr, ct, cs, stride_w_t, stride_w_s, Ct, Cs):
 
 @triton.jit
 def _mix(w, S, bias, CT_BLOCK: tl.constexpr, CS_PAD: tl.constexpr,
-         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr):
+         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """Z = W S + b over a tile: (CT_BLOCK, CS_PAD) x (CS_PAD, BT, BK) -> (CT_BLOCK, BT, BK)."""
     z = tl.dot(w, tl.reshape(S, (CS_PAD, BLOCK_T * BLOCK_K)), input_precision="ieee")
     return tl.reshape(z, (CT_BLOCK, BLOCK_T, BLOCK_K)) + bias[:, None, None]
@@ -155,7 +154,7 @@ def _mix(w, S, bias, CT_BLOCK: tl.constexpr, CS_PAD: tl.constexpr,
 
 @triton.jit
 def _unmix(w, dZ, CT_BLOCK: tl.constexpr, CS_PAD: tl.constexpr,
-           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, F32_DOT: tl.constexpr):
+           BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """dS = W^T dZ over a tile: (CS_PAD, BT, BK) fp32."""
     ds = tl.dot(tl.trans(w), tl.reshape(dZ, (CT_BLOCK, BLOCK_T * BLOCK_K)), input_precision="ieee")
     return tl.reshape(ds, (CS_PAD, BLOCK_T, BLOCK_K))
@@ -219,9 +218,9 @@ def _forward_stats_kernel(
 ):
     """Per (b, teacher channel, query row) statistics over the row's loss entries.
 
-    Slots: Z_MAX, Z_SUM (online log-sum-exp of Z), then
-      map mode: U = sum exp(A), V = sum exp(A) * (A - Z)   (A is in [0, 1]: no shift needed)
-      row mode: U = sum A,      V = sum A * (log A - Z)    (terms with A = 0 are 0)
+    Writes stats[b, c, t, 0:4] = (z_max, z_sum) (online log-sum-exp of Z), then (u, v):
+      map mode: u = sum exp(A), v = sum exp(A) * (A - Z)   (A is in [0, 1]: no shift needed)
+      row mode: u = sum A,      v = sum A * (log A - Z)    (terms with A = 0 are 0)
     Loss entries: key not padded and query not padded. Causally hidden entries are
     loss entries too (S = A = 0, Z = bias there): key blocks that are hidden from the
     whole query block are added in closed form (see ``_causal_keys``).
@@ -259,7 +258,7 @@ def _forward_stats_kernel(
         tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt,
                          BLOCK_DT, DOT_FP32)
         A = _probs(_scores(tq, tk, DOT_FP32, F32_DOT), lse_t_ptr, b, ct, t, Ct * T, T, Ct, T, scale_t, vis)
-        Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K, F32_DOT)
+        Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
 
         z = tl.where(in_loss, Z, float("-inf"))
         z_max_new = tl.maximum(z_max, tl.max(z, axis=2))
@@ -333,9 +332,9 @@ def _tile_grads(
     in_loss = (query_ok[:, None] & key_ok[None, :])[None, :, :]
     S = _probs(_scores(sq, sk, DOT_FP32, F32_DOT), lse_s_ptr, b, cs, t, Cs * T, T, Cs, T, scale_s, vis)
     A = _probs(_scores(tq, tk, DOT_FP32, F32_DOT), lse_t_ptr, b, ct, t, Ct * T, T, Ct, T, scale_t, vis)
-    Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K, F32_DOT)
+    Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
     dZ = _grad_z(Z, A, in_loss, shift_ptr, b, ct, t, grad_scale, Ct, T, MAP_MODE)
-    dS = _unmix(w, dZ, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K, F32_DOT)
+    dS = _unmix(w, dZ, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
     return S, dS, dZ
 
 
