@@ -37,7 +37,9 @@ def _row_stat_tile(ptr, b, t0, t_end, Ct, T, ct_ok,
 
 @triton.jit
 def a2d_backward(
-    s_ptrs, s_strides, s_starts, s_pos_strides, a_ptrs, a_strides, a_starts, a_pos_strides, ds_ptrs, ds_strides, ds_pos_strides,
+    s_ptrs, s_strides, s_starts, s_pos_strides,
+    a_ptrs, a_strides, a_starts, a_pos_strides,
+    ds_ptrs, ds_strides, ds_pos_strides,
     w_ptr, w_stride_c, w_stride_k,
     kv_ptr, kv_stride_b, kv_stride_k, qv_ptr, qv_stride_b, qv_stride_t,
     stats_ptr, stats_stride_b, stats_stride_stat, grad_scale_ptr,
@@ -95,11 +97,12 @@ def a2d_backward(
                 dz = tl.where(tl.abs(log_ratio) < 0.5, p * expm1(log_ratio),
                               tl.exp((z - m_z) - log_s_z) - p)
             dz = tl.where(ct_ok[:, None] & valid[None, :], dz, 0.0)
-            dw += tl.dot(dz, tl.trans(s), input_precision=DOT_PRECISION)
+            dw = tl.dot(dz, tl.trans(s), dw, input_precision=DOT_PRECISION)
             if WRITE_DS:
                 ds = tl.dot(w_t_scaled, dz, input_precision=DOT_PRECISION)
-                ds_ptrs_tile = ds_row[:, None] + position_offsets(t, x, ds_pos_strides, OFFSETS_64)[None, :]
-                tl.store(ds_ptrs_tile, ds.to(ds_ptrs_tile.dtype.element_ty),
+                ds_offsets = position_offsets(t, x, ds_pos_strides, OFFSETS_64)
+                ds_tile_ptrs = ds_row[:, None] + ds_offsets[None, :]
+                tl.store(ds_tile_ptrs, ds.to(ds_tile_ptrs.dtype.element_ty),
                          mask=cs_ok[:, None] & inside[None, :])
 
     k = tl.arange(0, CS_PAD)

@@ -90,7 +90,8 @@ class _CompileInsteadOfLaunch:
                                       options={"num_warps": num_warps})
             self.records.append({
                 "case": self.label, "kernel": self.kernel.fn.__name__, "num_warps": num_warps,
-                "tile": f"{constexprs.get('CT_PAD')}x{constexprs.get('BLOCK_T', 1) * constexprs.get('BLOCK_K', 1)}",
+                "tile": (f"{constexprs.get('CT_PAD')}x"
+                         f"{constexprs.get('BLOCK_T', 1) * constexprs.get('BLOCK_K', 1)}"),
                 "shared": compiled.metadata.shared, **_cubin_resources(compiled.asm["cubin"]),
             })
         return compile_launch

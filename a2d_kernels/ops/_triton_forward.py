@@ -37,7 +37,8 @@ MAP_SAVED = 5  # mZ, log sZ, mA, log sA, delta
 
 @triton.jit
 def map_forward_partials(
-    s_ptrs, s_strides, s_starts, s_pos_strides, a_ptrs, a_strides, a_starts, a_pos_strides,
+    s_ptrs, s_strides, s_starts, s_pos_strides,
+    a_ptrs, a_strides, a_starts, a_pos_strides,
     w_ptr, w_stride_c, w_stride_k,
     kv_ptr, kv_stride_b, kv_stride_k, qv_ptr, qv_stride_b, qv_stride_t,
     part_ptr, part_stride_b, part_stride_chunk, part_stride_stat, T, K, Cs, Ct, rows_per_chunk,
@@ -152,7 +153,8 @@ def _xlogx(a):
 
 @triton.jit
 def row_forward(
-    s_ptrs, s_strides, s_starts, s_pos_strides, a_ptrs, a_strides, a_starts, a_pos_strides,
+    s_ptrs, s_strides, s_starts, s_pos_strides,
+    a_ptrs, a_strides, a_starts, a_pos_strides,
     w_ptr, w_stride_c, w_stride_k,
     kv_ptr, kv_stride_b, kv_stride_k, qv_ptr, qv_stride_b, qv_stride_t,
     part_ptr, part_stride_b, part_stride_chunk, row_stats_ptr, B, T, K, Cs, Ct, rows_per_chunk,

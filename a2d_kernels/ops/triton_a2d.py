@@ -95,11 +95,12 @@ def _sm_count(device_index: int) -> int:
 def plan_tiles(problem: A2DProblem, backward: bool) -> TilePlan:
     """Tile sizes as a function of the shape only (deterministic bits per shape).
 
-    Sized from sm_90 compiles of these kernels (ptxas register and spill counts,
-    Triton 3.9; not yet timed on a GPU): about 2048 (Ct, position) logits per
-    8-warp program in forward and 1024 in backward, which also holds the dZ tile
-    and the (Ct, Cs) dweight accumulator, keep every kernel at <= 220 registers
-    without spills up to Ct = 128, Cs = 64 (larger tiles spill heavily).
+    Sized from sm_90 compiles of these kernels (register and spill counts, Triton
+    3.9; not yet timed on a GPU, see _triton_compile_check): about 2048 (channel,
+    position) values per 8-warp program in forward and 1024 in backward, which
+    also holds the dZ tile and the (Ct, Cs) dweight accumulator, keep every kernel
+    at <= 220 registers with at most a few spilled up to Ct = 128, Cs = 64; twice
+    those tiles spill hundreds of bytes per thread.
     """
     B, T, K = problem.batch, problem.queries, problem.keys
     cs_pad = max(16, _pow2(problem.student_channels))
@@ -107,7 +108,7 @@ def plan_tiles(problem: A2DProblem, backward: bool) -> TilePlan:
     if INTERPRETED:
         positions = 64  # small fixed tiles: many tiles per test, fast numpy steps
     else:
-        positions = max(16, (1024 if backward else 2048) // ct_pad)
+        positions = max(16, (1024 if backward else 2048) // max(ct_pad, cs_pad))
     block_k = min(_pow2(K), positions)
     block_t = min(max(1, positions // block_k), _pow2(T))
     while block_t * block_k < 16:  # tl.dot needs every dimension >= 16
