@@ -100,7 +100,7 @@ def compare(case, backend, dtype=torch.float32, rtol=1e-5, upstream=0.7, atol=0.
 
 
 # (B, student heads per layer, teacher heads per layer, T, K, Ds, Dt)
-SHAPE = (2, [2, 3], [3, 2, 1], 11, 13, 8, 4)   # odd sizes, T != K, Ds != Dt, unequal layers
+SHAPE = (2, [2, 3], [3, 2, 1], 11, 13, 6, 5)   # odd sizes, T != K, Ds != Dt (not powers of 2), unequal layers
 SELF = (2, [3], [4, 2], 12, 12, 4, 8)         # self-attention, for causal cases
 
 
