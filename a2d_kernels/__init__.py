@@ -7,6 +7,7 @@ from .backends import backends
 from .functional import a2d_kl
 from .module import A2DLoss
 from .problem import A2DProblem, make_problem
+from .qk import a2d_kl_qk
 
-__all__ = ["A2DLoss", "a2d_kl", "backends", "reference", "A2DProblem", "make_problem"]
+__all__ = ["A2DLoss", "a2d_kl", "a2d_kl_qk", "backends", "reference", "A2DProblem", "make_problem"]
 __version__ = "0.1.0"
