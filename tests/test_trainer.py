@@ -48,8 +48,8 @@ def make_toy_data(folder: Path) -> Path:
 def train_config(data, run, **kw):
     from a2d_trainer.train import TrainConfig
 
-    base = dict(data_dir=str(data), run_dir=str(run), preset="micro-teacher", vocab_size=48, max_tokens=300, warmup_updates=4,
-                lr=2e-3, log_every=1, progress=False, seed=3)
+    base = dict(data_dir=str(data), run_dir=str(run), preset="micro-teacher", vocab_size=48, max_tokens=300,
+                warmup_updates=4, lr=2e-3, log_every=1, progress=False, seed=3)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -44,6 +44,7 @@ def _add_training_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 autocast on CUDA")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint_last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -58,7 +59,8 @@ def _training_config(args, **extra):
         weight_decay=args.weight_decay, clip_norm=args.clip_norm, label_smoothing=args.label_smoothing,
         dropout=args.dropout, max_epochs=args.max_epochs, max_steps=args.max_steps,
         time_budget=args.time_budget, seed=args.seed, save_every=args.save_every, log_every=args.log_every,
-        amp=args.amp, device=args.device, resume=args.resume, progress=not args.no_progress, **extra)
+        amp=args.amp, device=args.device, threads=args.threads, resume=args.resume,
+        progress=not args.no_progress, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,6 +77,7 @@ class TrainConfig:
     log_every: int = 10
     amp: str = "auto"                 # "auto" (bf16 on CUDA), "bf16", "off"
     device: str = "auto"
+    threads: int = 0                  # CPU threads for torch; 0: torch's default
     kd: str = "none"
     teacher: Optional[str] = None     # teacher checkpoint
     teacher_preset: Optional[str] = None  # checked against the teacher checkpoint
@@ -102,7 +103,8 @@ class TrainConfig:
         for name in ("max_tokens", "update_freq", "max_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_epochs", "max_steps", "time_budget", "save_every", "warmup_updates", "clip_norm"):
+        for name in ("max_epochs", "max_steps", "time_budget", "save_every", "warmup_updates", "clip_norm",
+                     "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.max_epochs or self.max_steps or self.time_budget):
@@ -324,29 +326,32 @@ class _Logger:
 
 
 def plot_learning_curves(log_path, png_path) -> None:
-    """Training loss and validation NLL against updates, from ``log.jsonl``."""
+    """Two panels from ``log.jsonl``: the training objective (with the A2D term, a sum,
+    it lives on another scale) and the per-token NLL, training and validation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train_pts, valid_pts = [], []
+    objective, train_nll, valid_nll = [], [], []
     with open(log_path, encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
             if rec.get("kind") == "train":
-                train_pts.append((rec["step"], rec["loss"]))
+                objective.append((rec["step"], rec["loss"]))
+                train_nll.append((rec["step"], rec["nll"]))
             elif rec.get("kind") == "valid":
-                valid_pts.append((rec["step"], rec["nll"]))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_pts:
-        ax.plot(*zip(*train_pts), label="train loss (objective)")
-    if valid_pts:
-        ax.plot(*zip(*valid_pts), "o-", label="valid NLL per token")
-    ax.set_xlabel("update")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+                valid_nll.append((rec["step"], rec["nll"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if objective:
+        left.plot(*zip(*objective), label="training objective")
+        right.plot(*zip(*train_nll), label="train NLL / token")
+    if valid_nll:
+        right.plot(*zip(*valid_nll), "o-", label="valid NLL / token")
+    for ax in (left, right):
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     with atomic.atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -380,6 +385,10 @@ def train(cfg: TrainConfig) -> dict:
     from .data import batches_by_tokens, encode_pairs
 
     cfg.validate()
+    if cfg.threads:
+        # On a busy machine one thread per process avoids OpenMP barrier stalls that
+        # make small CPU kernels several times slower.
+        torch.set_num_threads(cfg.threads)
     ctx = setup_distributed(cfg.device)
     try:
         return _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs)
