@@ -3,9 +3,11 @@
 Grid (B, n_chunks), the same walk as the forward kernels. Each tile recomputes
 Z = weight @ S from the inputs (nothing of size T*K was saved), forms
     map mode: dZ / g = q - p,      q = exp(Z - lseZ), p = exp(A - lseA)
-              (as p * expm1(Z - A - delta) where q is within a factor e^0.5 of p,
+              (as p * expm1(Z - A - (lseZ - lseA)) where q is within e^0.5 of p,
               so the difference of two nearly equal numbers is never formed)
     row mode: dZ / g = q * P - p,  q = exp(Z - lseZ[row]), p = A, P = sum_row p
+              (as p * expm1(log(q P / p)) where p > 0 and q P is within e^0.5 of p;
+              q P = exp(Z - shift - residual), lseZ = shift + residual + log P)
 on valid entries (0 elsewhere), and
   - writes dS = (g * weight)^T @ dZ straight into each student layer's gradient
     tensor (every in-map position, masked ones get 0, so nothing is left unwritten);
@@ -49,8 +51,9 @@ def a2d_backward(
     HAS_KEY_MASK: tl.constexpr, HAS_QUERY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     OFFSETS_64: tl.constexpr,
 ):
-    """``stats``: map mode (B, 5, Ct) = mZ, log sZ, mA, log sA, delta; row mode
-    (2, B, Ct, T) = lseZ, P. ``dw_part``: (B, n_chunks, Ct, Cs) fp32."""
+    """``stats``: map mode (B, 6, Ct) = mZ, log sZ, mA, log sA, shift, residual;
+    row mode
+    (2, B, Ct, T) = shift, residual. ``dw_part``: (B, n_chunks, Ct, Cs) fp32."""
     b = tl.program_id(0)
     chunk = tl.program_id(1)
     n_chunks = tl.num_programs(1)
@@ -72,16 +75,17 @@ def a2d_backward(
         log_s_z = tl.load(src + stats_stride_stat, mask=ct_ok, other=0.0)[:, None]
         m_a = tl.load(src + 2 * stats_stride_stat, mask=ct_ok, other=0.0)[:, None]
         log_s_a = tl.load(src + 3 * stats_stride_stat, mask=ct_ok, other=0.0)[:, None]
-        delta = tl.load(src + 4 * stats_stride_stat, mask=ct_ok, other=0.0)[:, None]
+        shift = tl.load(src + 4 * stats_stride_stat, mask=ct_ok, other=0.0)[:, None]
+        residual = tl.load(src + 5 * stats_stride_stat, mask=ct_ok, other=0.0)[:, None]
 
     dw = tl.zeros([CT_PAD, CS_PAD], tl.float32)
     t_begin = chunk * rows_per_chunk
     t_end = tl.minimum(t_begin + rows_per_chunk, T)
     for t0 in range(t_begin, t_end, BLOCK_T):
         if ROW_MODE:
-            lse_z = _row_stat_tile(stats_ptr, b, t0, t_end, Ct, T, ct_ok, CT_PAD, BLOCK_T, BLOCK_K)
-            p_sum = _row_stat_tile(stats_ptr + B * Ct * T, b, t0, t_end, Ct, T, ct_ok,
-                                   CT_PAD, BLOCK_T, BLOCK_K)
+            shift = _row_stat_tile(stats_ptr, b, t0, t_end, Ct, T, ct_ok, CT_PAD, BLOCK_T, BLOCK_K)
+            residual = _row_stat_tile(stats_ptr + B * Ct * T, b, t0, t_end, Ct, T, ct_ok,
+                                      CT_PAD, BLOCK_T, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             t, x, inside, valid = tile_positions(
                 b, t0, k0, t_end, K, kv_ptr, kv_stride_b, kv_stride_k,
@@ -90,10 +94,13 @@ def a2d_backward(
             a = load_tile(a_row, position_offsets(t, x, a_pos_strides, OFFSETS_64), ct_ok, valid)
             z = tl.dot(w, s, input_precision=DOT_PRECISION)
             if ROW_MODE:
-                dz = tl.exp(z - lse_z) * p_sum - a
+                zc = (z - shift) - residual
+                log_ratio = zc - tl.log(a)  # log(q P / p); +inf where p = 0
+                # (residual = +inf on rows without mass: q P = 0 there, NaN ratio.)
+                dz = tl.where(tl.abs(log_ratio) < 0.5, a * expm1(log_ratio), tl.exp(zc) - a)
             else:
                 p = tl.exp((a - m_a) - log_s_a)
-                log_ratio = (z - a) - delta  # log(q / p)
+                log_ratio = ((z - a) - shift) - residual  # log(q / p)
                 dz = tl.where(tl.abs(log_ratio) < 0.5, p * expm1(log_ratio),
                               tl.exp((z - m_z) - log_s_z) - p)
             dz = tl.where(ct_ok[:, None] & valid[None, :], dz, 0.0)

@@ -212,7 +212,7 @@ def _constexprs(problem: A2DProblem, plan: TilePlan, *groups):
 
 
 def forward(problem: A2DProblem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """(kl (B, Ct) fp32, saved statistics): map mode saves (B, 4, Ct), row mode
+    """(kl (B, Ct) fp32, saved statistics): map mode saves (B, 6, Ct), row mode
     (2, B, Ct, T); never anything of size T * K."""
     B, T, K = problem.batch, problem.queries, problem.keys
     Cs, Ct = problem.student_channels, problem.teacher_channels
