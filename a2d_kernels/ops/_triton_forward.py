@@ -118,10 +118,11 @@ def _merge(m, s, m_i, s_i):
 
 @triton.jit
 def _shift_center(u, h, s, d):
-    """(U, H) of a chunk re-expressed about a center d lower than its own: with
-    a = y - c_own, expm1_minus_x(a + d) = e^d expm1_minus_x(a) + expm1(d) a +
-    expm1_minus_x(d), summed with weights e (total s). Exact; no term is first
-    order where the result is second order."""
+    """(U, H) of a chunk re-expressed about the common center c, d = c_own - c:
+    with a = y - c_own, y - c = a + d and expm1_minus_x(a + d) = e^d
+    expm1_minus_x(a) + expm1(d) a + expm1_minus_x(d), summed with weights e
+    (total s). Exact algebra; no term is first order where the result is second
+    order."""
     return u + d * s, tl.exp(d) * h + expm1(d) * u + expm1_minus_x(d) * s
 
 

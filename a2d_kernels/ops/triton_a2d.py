@@ -2,9 +2,12 @@
 
 The kernels live in ``_triton_forward`` / ``_triton_backward`` (shared tile helpers
 in ``_triton_tiles``); ``FusedA2DKL`` in ``a2d_kernels.autograd`` applies the
-reduction and the autograd plumbing. Launch count per call: forward 2 kernels,
-backward 1 kernel + 1 ``sum`` over the dweight partials (+ a cast when the weight
-is not fp32).
+reduction and the autograd plumbing. Launches per call: forward 2 kernels (map
+mode; row mode 1 kernel + 1 ``sum``), backward 1 kernel + 1 ``sum`` over the
+dweight partials + the zero dbias (+ a cast when the weight is not fp32).
+
+Numerics: both modes compute the KL in a centered, second-order form (see
+``_triton_forward``), so a small KL near convergence keeps its digits in fp32.
 
 Design choices (DESIGN.md section 2):
 - Per-layer maps are read in place: each layer group goes to the kernels as tuples
@@ -31,7 +34,6 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import triton
 
 from ..problem import A2DProblem
 from ._triton_backward import a2d_backward
