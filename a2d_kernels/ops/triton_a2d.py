@@ -99,10 +99,10 @@ def plan_tiles(problem: A2DProblem, backward: bool) -> TilePlan:
 
     Sized from sm_90 compiles of these kernels (register and spill counts, Triton
     3.9; not yet timed on a GPU, see _triton_compile_check): about 2048 (channel,
-    position) values per 8-warp program in forward and 1024 in backward, which
-    also holds the dZ tile and the (Ct, Cs) dweight accumulator, keep every kernel
-    at <= 220 registers with at most a few spilled up to Ct = 128, Cs = 64; twice
-    those tiles spill hundreds of bytes per thread.
+    position) values per program in forward and 1024 in backward, which also
+    holds the dZ tile and the (Ct, Cs) dweight accumulator, keep every kernel at
+    <= 16 spilled registers per thread up to Ct = 128, Cs = 64 (most at none);
+    twice those tiles spill hundreds of bytes per thread.
     """
     B, T, K = problem.batch, problem.queries, problem.keys
     cs_pad = max(16, _pow2(problem.student_channels))
@@ -128,7 +128,10 @@ def plan_tiles(problem: A2DProblem, backward: bool) -> TilePlan:
     n_chunks = min(row_blocks, wanted)
     rows_per_chunk = _cdiv(row_blocks, n_chunks) * block_t
     n_chunks = _cdiv(T, rows_per_chunk)
-    num_warps = 4 if backward and ct_pad <= 32 else 8
+    if backward:  # the widest backward tiles spill at 8 warps, not at 16
+        num_warps = 4 if ct_pad <= 32 else (8 if ct_pad <= 64 else 16)
+    else:
+        num_warps = 8
     return TilePlan(cs_pad, ct_pad, block_t, block_k, rows_per_chunk, n_chunks, num_warps)
 
 
