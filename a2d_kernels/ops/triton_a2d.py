@@ -316,6 +316,13 @@ class TritonBackend:
                         f"registers and support at most {MAX_CHANNELS} per side")
         return None
 
+    def saved_specs(self, problem: A2DProblem):
+        """Shapes of ``forward``'s saved statistics, for the custom ops' fakes."""
+        B, Ct, T = problem.batch, problem.teacher_channels, problem.queries
+        if problem.normalize == "map":
+            return (((B, MAP_SAVED, Ct), torch.float32),)
+        return (((2, B, Ct, T), torch.float32),)
+
     def forward(self, problem: A2DProblem):
         return forward(problem)
 
