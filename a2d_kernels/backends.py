@@ -108,15 +108,17 @@ def backends(device: Optional[torch.device] = None) -> Dict[str, Dict[str, objec
 
 
 def auto_order(problem: A2DProblem) -> Sequence[str]:
-    """Fused backends ``backend="auto"`` tries, fastest first, before the reference.
+    """Fused backends ``backend="auto"`` tries, in order, before the reference.
 
     On the CPU the Triton interpreter is far slower than the reference, so auto never
-    picks it there; on CUDA the CUDA extension goes first when it is built (see the
-    README's "Choosing a backend" for the measurements this order rests on).
+    picks a fused backend there. On CUDA, Triton goes first: its mixing runs on tensor
+    cores (``tl.dot``) while the CUDA kernels mix with FMAs. This order is provisional:
+    no GPU timing of either backend exists yet (README, "Choosing a backend"), and it
+    is to be set per shape from ``benchmarks/`` results.
     """
     if problem.device.type != "cuda":
         return ()
-    return ("cuda", "triton")
+    return ("triton", "cuda")
 
 
 def select_backend(name: str, problem: A2DProblem) -> Optional[KernelBackend]:
