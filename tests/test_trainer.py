@@ -419,3 +419,40 @@ def test_end_to_end_from_a_generated_mo_catalog(tmp_path):
     assert result["sentences"] == info.counts["test"]
     assert 0.0 <= result["bleu"] <= 100.0 and 0.0 <= result["chrf"] <= 100.0
     assert result["kd"] == "a2d" and result["step"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_bf16_a2d_distillation_and_decoding(toy, tmp_path):
+    """On a GPU: bf16 autocast, the fused A2D backend picked by "auto", beam search."""
+    from a2d_trainer.evaluate import evaluate_checkpoint
+    from a2d_trainer.train import train
+
+    summary = train(train_config(toy["data"], tmp_path / "gpu", preset="micro-student", kd="a2d",
+                                 teacher=str(toy["teacher"]), device="cuda", amp="auto", max_steps=3))
+    assert summary["steps"] == 3 and math.isfinite(summary["best_valid_nll"])
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
+    assert "cuda" in ckpt["rng"][0]
+    scores = evaluate_checkpoint(summary["checkpoint"], toy["data"], beam=2, device="cuda", limit=5)
+    assert scores["sentences"] == 5
+
+
+def test_demo_pipeline_runs_on_a_prebuilt_corpus(tmp_path, capsys):
+    """The demo's plumbing (stages, equal update counts, table, outputs) in seconds; the
+    corpus folder is prebuilt so the demo reuses it instead of scanning the machine."""
+    from test_trainer_data import write_mo
+
+    from a2d_trainer.corpus import build_corpus
+    from a2d_trainer.demo import run_demo
+
+    entries = [(f"The {a} {b} was removed", f"Der {c} {d} wurde entfernt")
+               for a, c in zip(EN, DE) for b, d in zip(EN[:5], DE[:5])]
+    write_mo(tmp_path / "share" / "locale" / "de" / "LC_MESSAGES" / "toy.mo", entries)
+    build_corpus(tmp_path / "run" / "data", search_paths=[tmp_path / "share"], min_pairs=20)
+    results = run_demo(tmp_path / "run", minutes=0.03, beam=1, eval_sentences=3, progress=False)
+    assert list(results) == ["teacher", "student_none", "student_word", "student_a2d"]
+    assert results["student_none"]["updates"] <= results["student_a2d"]["updates"]
+    out = capsys.readouterr().out
+    assert "reusing" in out and "| student, word-KD + A2D |" in out
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["results"]["teacher"]["sentences"] == 3
+    assert (tmp_path / "run" / "student_a2d" / "test_hypotheses.txt").is_file()

@@ -351,7 +351,8 @@ def plot_learning_curves(log_path, png_path) -> None:
     for ax in (left, right):
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     with atomic.atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
