@@ -38,6 +38,28 @@ def padding_mask(B: int, n: int, device="cpu") -> torch.Tensor:
     return torch.arange(n, device=device)[None, :] >= lengths[:, None]
 
 
+def ragged_masks(B: int, T: int, K: int, which: str, device="cpu"):
+    """(key_padding_mask, query_mask) for which in {"none", "key", "query", "both"};
+    True = padding, ragged lengths.
+
+    Batch element 0 of a key mask has every key padded, so a fully masked map / row
+    is covered. The other rows keep over half their keys: with few keys left, a row's
+    p (not renormalized) has little mass and its "KL" becomes a cancellation of terms
+    that no fp32 method resolves to 1e-5 of the (tiny) result.
+    """
+    key_mask = query_mask = None
+    if which in ("key", "both"):
+        lengths = torch.randint(K // 2 + 1, K + 1, (B,))
+        key_mask = torch.arange(K)[None, :] >= lengths[:, None]
+        if B > 1:
+            key_mask[0] = True
+        key_mask = key_mask.to(device)
+    if which in ("query", "both"):
+        lengths = torch.randint(1, T + 1, (B,))
+        query_mask = (torch.arange(T)[None, :] >= lengths[:, None]).to(device)
+    return key_mask, query_mask
+
+
 def independent_a2d_kl(student, teacher, weight, bias, normalize="map", reduction="sum",
                        key_padding_mask: Optional[torch.Tensor] = None,
                        query_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from a2d_kernels import a2d_kl, backends, make_problem, reference
 
 from conftest import requires_gpu
-from helpers import assert_close
+from helpers import assert_close, ragged_masks as make_masks
 
 _C = pytest.importorskip("a2d_kernels._C", reason="CUDA extension not built (no nvcc?)")
 from a2d_kernels.ops import cuda_a2d  # noqa: E402
@@ -47,22 +47,6 @@ def make_case(B, T, K, student_heads, teacher_heads, dtype=torch.float32, bias=T
     weight = torch.randn(Ct, Cs, device=device) * 2 / Cs ** 0.5
     b = torch.randn(Ct, device=device) * 0.5 if bias else None
     return student, teacher, weight, b
-
-
-def make_masks(B, T, K, which, device="cpu"):
-    """True = padding. Batch element 0 of a key mask is fully padded (an empty map /
-    rows); the others keep over half their keys."""
-    key_mask = query_mask = None
-    if which in ("key", "both"):
-        lengths = torch.randint(K // 2 + 1, K + 1, (B,))
-        key_mask = torch.arange(K)[None, :] >= lengths[:, None]
-        if B > 1:
-            key_mask[0] = True
-        key_mask = key_mask.to(device)
-    if which in ("query", "both"):
-        lengths = torch.randint(1, T + 1, (B,))
-        query_mask = (torch.arange(T)[None, :] >= lengths[:, None]).to(device)
-    return key_mask, query_mask
 
 
 def reference_kl_and_grads(student, teacher, weight, bias, grad_scale, **kw):

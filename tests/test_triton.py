@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from a2d_kernels import A2DLoss, a2d_kl, make_problem
+from helpers import ragged_masks as make_masks
 
 triton_a2d = pytest.importorskip("a2d_kernels.ops.triton_a2d")
 
@@ -44,26 +45,6 @@ def make_case(B=2, T=5, K=20, student_heads=(3, 2), teacher_heads=(4, 3), dtype=
     weight = (torch.randn(Ct, Cs, device=DEVICE) * weight_scale / Cs ** 0.5).requires_grad_()
     b = (torch.randn(Ct, device=DEVICE) * 0.1).requires_grad_() if bias else None
     return student, teacher, weight, b
-
-
-def make_masks(B, T, K, which):
-    """Padding masks (True = excluded) with ragged lengths; batch element 0 of a key
-    mask has every key padded, so a fully masked map/row is covered too.
-
-    Other rows keep over half their keys: with few keys left, a row's p (not
-    renormalized) has little mass and its "KL" turns into a cancellation of terms
-    that no fp32 method resolves to 1e-5 of the (tiny) result."""
-    key_mask = query_mask = None
-    if which in ("key", "both"):
-        lengths = torch.randint(K // 2 + 1, K + 1, (B,))
-        key_mask = torch.arange(K)[None, :] >= lengths[:, None]
-        if B > 1:
-            key_mask[0] = True
-        key_mask = key_mask.to(DEVICE)
-    if which in ("query", "both"):
-        lengths = torch.randint(1, T + 1, (B,))
-        query_mask = (torch.arange(T)[None, :] >= lengths[:, None]).to(DEVICE)
-    return key_mask, query_mask
 
 
 def loss_and_grads(backend, student, teacher, weight, bias, grad_out=1.7, **kwargs):
@@ -119,7 +100,7 @@ def check(student, teacher, weight, bias, tol=FP32_TOL, grad_tol=None, **kwargs)
 def test_matches_reference_with_masks(normalize, masks):
     B, T, K = 3, 6, 20
     student, teacher, weight, bias = make_case(B, T, K)
-    key_mask, query_mask = make_masks(B, T, K, masks)
+    key_mask, query_mask = make_masks(B, T, K, masks, device=DEVICE)
     check(student, teacher, weight, bias, normalize=normalize, reduction="mean",
           key_padding_mask=key_mask, query_mask=query_mask)
 
@@ -129,7 +110,7 @@ def test_matches_reference_with_masks(normalize, masks):
 def test_reductions(normalize, reduction):
     B, T, K = 2, 5, 9
     student, teacher, weight, bias = make_case(B, T, K)
-    key_mask, query_mask = make_masks(B, T, K, "both")
+    key_mask, query_mask = make_masks(B, T, K, "both", device=DEVICE)
     check(student, teacher, weight, bias, normalize=normalize, reduction=reduction,
           key_padding_mask=key_mask, query_mask=query_mask, grad_out=-0.3)
 
@@ -194,7 +175,7 @@ def test_student_close_to_teacher(normalize):
 def test_low_precision_inputs(dtype, normalize):
     B, T, K = 2, 5, 20
     student, teacher, weight, bias = make_case(B, T, K, dtype=dtype)
-    key_mask, _ = make_masks(B, T, K, "key")
+    key_mask, _ = make_masks(B, T, K, "key", device=DEVICE)
     got = check(student, teacher, weight, bias, tol=LOW_PRECISION_TOL, normalize=normalize,
                 key_padding_mask=key_mask)
     assert got[0].dtype == torch.float32
@@ -224,7 +205,7 @@ def test_non_contiguous_inputs(normalize):
     a1 = attention(B, 3, T, K).transpose(2, 3).contiguous().transpose(2, 3)
     weight = torch.randn(6, 7, device=DEVICE).t().detach().requires_grad_()
     assert not any(t.is_contiguous() for t in (s0, s1, a0, a1, weight))
-    key_mask, query_mask = make_masks(B, T, K, "both")
+    key_mask, query_mask = make_masks(B, T, K, "both", device=DEVICE)
     got = check([s0, s1], [a0, a1], weight, None, normalize=normalize,
                 key_padding_mask=key_mask, query_mask=query_mask)
     assert got[1].stride() == s0.stride() and got[2].stride() == s1.stride()
@@ -253,7 +234,7 @@ def test_student_without_gradient():
 def test_deterministic_bits(normalize):
     B, T, K = 2, 9, 20
     student, teacher, weight, bias = make_case(B, T, K)
-    key_mask, query_mask = make_masks(B, T, K, "both")
+    key_mask, query_mask = make_masks(B, T, K, "both", device=DEVICE)
     runs = [loss_and_grads("triton", student, teacher, weight, bias, normalize=normalize,
                            key_padding_mask=key_mask, query_mask=query_mask) for _ in range(2)]
     for first, second in zip(*runs):
@@ -264,7 +245,7 @@ def test_deterministic_bits(normalize):
 def test_saves_nothing_of_size_t_times_k(normalize):
     B, T, K = 2, 6, 40
     student, teacher, weight, bias = make_case(B, T, K)
-    key_mask, query_mask = make_masks(B, T, K, "both")
+    key_mask, query_mask = make_masks(B, T, K, "both", device=DEVICE)
     inputs = [*student, *teacher, weight, bias]
     input_storages = {t.untyped_storage().data_ptr() for t in inputs}
     saved = []
@@ -328,7 +309,7 @@ def test_realistic_shapes_on_gpu(dtype, normalize):
     """The GPU tile plans (larger tiles, many chunks) at the issue's shapes, batch cut."""
     for B, T, K, sh, th in [(4, 64, 64, (4, 4, 4), (4,) * 6), (2, 128, 128, (8,) * 6, (16,) * 6)]:
         student, teacher, weight, bias = make_case(B, T, K, sh, th, dtype=dtype)
-        key_mask, query_mask = make_masks(B, T, K, "both")
+        key_mask, query_mask = make_masks(B, T, K, "both", device=DEVICE)
         tol = FP32_TOL if dtype == torch.float32 else LOW_PRECISION_TOL
         check(student, teacher, weight, bias, tol=tol, normalize=normalize,
               key_padding_mask=key_mask, query_mask=query_mask)
