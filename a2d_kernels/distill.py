@@ -9,22 +9,28 @@ does::
 
 Works with any model that returns per-layer ``(B, H, T, K)`` probability maps: the
 trainer in ``python/a2d_trainer`` and Hugging Face seq2seq models alike.
+:meth:`A2DDistiller.forward_qk` computes the same term from each layer's queries and
+keys (QK mode, :func:`~a2d_kernels.a2d_kl_qk`), for models running fused attention;
+the mixers are the same parameters in both.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .module import A2DLoss
+from .qk import QK_BACKENDS, a2d_kl_qk
 
 ATTENTION_KINDS = ("encoder", "decoder_self", "decoder_cross")
 
 # Which padding mask (source or target) marks each kind's queries and keys.
 _QUERY_SIDE = {"encoder": "src", "decoder_self": "tgt", "decoder_cross": "tgt"}
 _KEY_SIDE = {"encoder": "src", "decoder_self": "tgt", "decoder_cross": "src"}
+# In an encoder-decoder only the decoder's self-attention is causal.
+_CAUSAL = {"encoder": False, "decoder_self": True, "decoder_cross": False}
 
 
 @dataclass
@@ -106,6 +112,49 @@ class A2DDistiller(nn.Module):
                 key_padding_mask=side_masks[_KEY_SIDE[kind]],
                 query_mask=side_masks[_QUERY_SIDE[kind]],
             )
+        return self._combine(parts, epoch)
+
+    def forward_qk(
+        self,
+        student_qk: Mapping[str, Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+        teacher_qk: Mapping[str, Tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+        epoch: int = 1,
+        src_padding_mask: Optional[torch.Tensor] = None,
+        tgt_padding_mask: Optional[torch.Tensor] = None,
+        scale=None,
+    ) -> A2DOutput:
+        """The same term in QK mode: no attention map is ever handed over.
+
+        ``student_qk[kind]`` / ``teacher_qk[kind]``: a pair ``(queries, keys)`` of
+        per-layer lists, ``(B, H, T, d)`` and ``(B, H, K, d)``, unscaled (see
+        :func:`~a2d_kernels.a2d_kl_qk`; ``scale`` is passed to it, None = ``1/sqrt(d)``).
+        ``decoder_self`` is taken as causal, the other kinds are not.
+
+        Each kind's loss is ``a2d_kl_qk`` with that kind's :class:`A2DLoss` weight,
+        bias, normalization, reduction and backend. It equals :meth:`forward` on the
+        maps ``softmax(scale * q k^T)`` (masked) **with the same padding masks passed
+        to both**: here a padding mask both hides the padded keys from the softmax and
+        removes them (and padded queries) from the loss, so the padding masks cannot be
+        left out as :meth:`forward` allows while the model itself masks padding. On a
+        batch without padding, passing the masks or not gives the same loss.
+        """
+        side_masks = {"src": src_padding_mask, "tgt": tgt_padding_mask}
+        parts = {}
+        for kind in self.kinds:
+            loss = self.losses[kind]
+            if loss.backend not in QK_BACKENDS:
+                raise ValueError(f"forward_qk: backend {loss.backend!r} has no QK mode; build the distiller "
+                                 f"with one of {QK_BACKENDS}")
+            (sq, sk), (tq, tk) = (_qk_pair(name, qk, kind, self.kinds)
+                                  for name, qk in (("student_qk", student_qk), ("teacher_qk", teacher_qk)))
+            parts[kind] = a2d_kl_qk(
+                sq, sk, tq, tk, loss.weight, loss.bias, scale=scale, causal=_CAUSAL[kind],
+                key_padding_mask=side_masks[_KEY_SIDE[kind]], query_mask=side_masks[_QUERY_SIDE[kind]],
+                normalize=loss.normalize, reduction=loss.reduction, backend=loss.backend,
+            )
+        return self._combine(parts, epoch)
+
+    def _combine(self, parts: Dict[str, torch.Tensor], epoch: int) -> A2DOutput:
         decoder = [parts[k] for k in ("decoder_self", "decoder_cross") if k in parts]
         combined = parts["encoder"] if "encoder" in parts else 0.0
         if decoder:
@@ -135,6 +184,20 @@ class A2DDistiller(nn.Module):
             src_padding_mask=None if attention_mask is None else attention_mask == 0,
             tgt_padding_mask=None if decoder_attention_mask is None else decoder_attention_mask == 0,
         )
+
+
+def _qk_pair(name: str, qk, kind: str, kinds: Sequence[str]):
+    """``qk[kind]`` as a ``(queries, keys)`` pair, or a clear error."""
+    if not isinstance(qk, Mapping):
+        raise TypeError(f"{name} must map attention kinds to (queries, keys) pairs, got {type(qk).__name__}")
+    entry = qk.get(kind)
+    if entry is None:
+        raise ValueError(f"{name} has no {kind!r} queries and keys; this distiller distills {tuple(kinds)}")
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+        length = f" of length {len(entry)}" if hasattr(entry, "__len__") else ""
+        raise ValueError(f"{name}[{kind!r}] must be a pair (per-layer queries, per-layer keys), "
+                         f"got {type(entry).__name__}{length}")
+    return entry
 
 
 # Where a Hugging Face seq2seq output (Seq2SeqLMOutput, Seq2SeqModelOutput) keeps each kind.

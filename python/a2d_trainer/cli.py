@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a2d-mask", action="store_true", help="exclude padding from the A2D loss")
     p.add_argument("--a2d-normalize", default="map", choices=["map", "row"])
     p.add_argument("--a2d-backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    p.add_argument("--a2d-qk", action="store_true",
+                   help="QK mode: attention runs scaled_dot_product_attention and the A2D loss is computed "
+                        "from queries and keys (no maps in memory); needs --a2d-mask, same loss")
 
     p = sub.add_parser("translate", help="translate a file, one sentence per line")
     p.add_argument("--checkpoint", required=True)
@@ -146,7 +149,7 @@ def run(args) -> int:
             extra = dict(kd=args.kd, teacher=args.teacher, teacher_preset=args.teacher_preset, alpha=args.alpha,
                          beta=args.beta, decay=args.decay, decoder_self=not args.no_decoder_self,
                          decoder_cross=not args.no_decoder_cross, a2d_mask=args.a2d_mask,
-                         a2d_normalize=args.a2d_normalize, a2d_backend=args.a2d_backend)
+                         a2d_normalize=args.a2d_normalize, a2d_backend=args.a2d_backend, a2d_qk=args.a2d_qk)
         summary = train(_training_config(args, **extra))
         print(json.dumps(summary))
     elif args.command == "translate":

@@ -1,4 +1,5 @@
-"""A post-norm Transformer encoder-decoder that can hand back its attention maps.
+"""A post-norm Transformer encoder-decoder that can hand back its attention maps
+(or, running fused attention, its queries and keys).
 
 The architecture is fairseq's ``transformer`` baseline as the A2D release trains it:
 post-norm residual blocks (``x = LayerNorm(x + Dropout(sublayer(x)))``), sinusoidal
@@ -9,6 +10,19 @@ Every attention layer computes its probabilities explicitly (``softmax(QK^T/sqrt
 mask)``) so that, when asked, it can return them as the ``(B, H, T, K)`` maps that
 ``a2d_kernels`` distills. The same code path runs with and without ``need_attn``: the
 maps a test inspects are the ones the model trains with.
+
+Attention implementations (``attn_impl``, a runtime switch that changes no parameter):
+
+* ``"maps"`` (default): the explicit softmax above; ``need_attn=True`` returns the maps.
+* ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (fused on CUDA, no
+  map in memory). It cannot return maps; ``need_qk=True`` returns what A2D's QK mode
+  (``a2d_kernels.a2d_kl_qk``) takes instead. Same outputs as ``"maps"`` up to float
+  rounding; with attention dropout > 0 the two draw different dropout masks.
+
+``need_qk=True`` works under both implementations and returns, per layer, the query and
+key ``(B, H, T, d)`` / ``(B, H, K, d)`` after projection and head split and *before* the
+softmax scale ``1/sqrt(d)`` (the scale ``a2d_kl_qk`` applies by default): the very
+tensors each layer feeds to its softmax.
 """
 from __future__ import annotations
 
@@ -21,6 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 AttentionMaps = Dict[str, List[torch.Tensor]]
+# Per kind, (per-layer queries, per-layer keys): what ``A2DDistiller.forward_qk`` takes.
+AttentionQK = Dict[str, Tuple[List[torch.Tensor], List[torch.Tensor]]]
+
+ATTN_IMPLS = ("maps", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -104,18 +122,21 @@ def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32
 
 
 class Attention(nn.Module):
-    """Multi-head attention with explicit probabilities.
+    """Multi-head attention, explicit (``impl="maps"``) or fused (``impl="sdpa"``).
 
     ``forward(query (B,T,D), key_value (B,K,D), key_padding_mask (B,K) True=pad,
-    causal)`` returns ``(output (B,T,D), probs (B,H,T,K) or None)``; the probabilities
-    are those before attention dropout (what the release distills).
+    causal, need_probs, need_qk)`` returns ``(output (B,T,D), record)``: ``record`` is
+    the probabilities ``(B,H,T,K)`` before attention dropout (what the release
+    distills) when ``need_probs``, the pair ``(q (B,H,T,d), k (B,H,K,d))`` unscaled
+    when ``need_qk``, else None.
     """
 
-    def __init__(self, d_model: int, heads: int, dropout: float) -> None:
+    def __init__(self, d_model: int, heads: int, dropout: float, impl: str = "maps") -> None:
         super().__init__()
         self.heads = heads
         self.head_dim = d_model // heads
         self.scale = self.head_dim ** -0.5
+        self.impl = _check_impl(impl)
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
@@ -130,12 +151,17 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
+    def queries_keys(self, query: torch.Tensor, key_value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``q (B,H,T,d)``, ``k (B,H,K,d)``: projected and split, not yet scaled."""
+        return self._split(self.q_proj(query)), self._split(self.k_proj(key_value))
+
     def scores(self, query: torch.Tensor, key_value: torch.Tensor,
                key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
         """Masked logits ``QK^T * scale`` of shape (B, H, T, K); masked entries are -inf."""
-        q = self._split(self.q_proj(query)) * self.scale
-        k = self._split(self.k_proj(key_value))
-        scores = q @ k.transpose(-1, -2)
+        return self._masked_scores(*self.queries_keys(query, key_value), key_padding_mask, causal)
+
+    def _masked_scores(self, q, k, key_padding_mask, causal) -> torch.Tensor:
+        scores = (q * self.scale) @ k.transpose(-1, -2)
         if causal:
             t, kk = scores.shape[-2:]
             future = torch.ones(t, kk, dtype=torch.bool, device=scores.device).triu(1)
@@ -146,16 +172,68 @@ class Attention(nn.Module):
 
     def forward(self, query: torch.Tensor, key_value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False,
-                need_probs: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        scores = self.scores(query, key_value, key_padding_mask, causal)
-        # Low-precision scores (bf16 autocast) get an fp32 softmax; the maps keep the scores' dtype.
-        acc = torch.float32 if scores.element_size() < 4 else scores.dtype
-        probs = torch.softmax(scores, dim=-1, dtype=acc).to(scores.dtype)
+                need_probs: bool = False, need_qk: bool = False):
+        if need_probs and need_qk:
+            raise ValueError("Attention: ask for need_probs or need_qk, not both")
+        if need_probs and self.impl != "maps":
+            raise ValueError(f"Attention: need_probs needs impl='maps' (impl={self.impl!r} computes no "
+                             "probabilities); use need_qk for the queries and keys")
+        q, k = self.queries_keys(query, key_value)
         v = self._split(self.v_proj(key_value))
-        out = self.dropout(probs) @ v
+        probs = None
+        if self.impl == "maps":
+            scores = self._masked_scores(q, k, key_padding_mask, causal)
+            # Low-precision scores (bf16 autocast) get an fp32 softmax; the maps keep the scores' dtype.
+            acc = torch.float32 if scores.element_size() < 4 else scores.dtype
+            probs = torch.softmax(scores, dim=-1, dtype=acc).to(scores.dtype)
+            out = self.dropout(probs) @ v
+        else:
+            attn_mask, is_causal = _sdpa_mask(key_padding_mask, causal, q.shape[2], k.shape[2], q.device)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                dropout_p=self.dropout.p if self.training else 0.0)
         b, _, t, _ = out.shape
         out = self.out_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-        return out, (probs if need_probs else None)
+        if need_probs:
+            return out, probs
+        return out, ((q, k) if need_qk else None)
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+    return impl
+
+
+def _sdpa_mask(key_padding_mask: Optional[torch.Tensor], causal: bool, t: int, k: int,
+               device) -> Tuple[Optional[torch.Tensor], bool]:
+    """``(attn_mask, is_causal)`` for SDPA: the same visibility as ``_masked_scores``.
+
+    Without padding the mask stays implicit (``is_causal`` or nothing), which keeps
+    SDPA's fastest kernels eligible; with padding it is a boolean ``(B, 1, T|1, K)``
+    mask, True = attend (SDPA takes no ``is_causal`` together with a mask).
+    """
+    if key_padding_mask is None:
+        return None, causal
+    visible = ~key_padding_mask[:, None, None, :]
+    if causal:
+        visible = visible & torch.ones(t, k, dtype=torch.bool, device=device).tril()
+    return visible, False
+
+
+def _record_flags(need: Optional[str]) -> dict:
+    """``need`` ("maps", "qk" or None) as :meth:`Attention.forward`'s keyword flags."""
+    return {"need_probs": need == "maps", "need_qk": need == "qk"}
+
+
+def _need(need_attn: bool, need_qk: bool) -> Optional[str]:
+    if need_attn and need_qk:
+        raise ValueError("ask for need_attn (maps) or need_qk (queries and keys), not both")
+    return "maps" if need_attn else "qk" if need_qk else None
+
+
+def _as_qk(records: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    return [q for q, _ in records], [k for _, k in records]
 
 
 class FeedForward(nn.Module):
@@ -173,6 +251,8 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    """``forward`` returns ``(x, record)``: see :class:`Attention` for ``need``'s records."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.self_attn = Attention(cfg.d_model, cfg.heads, cfg.attention_dropout)
@@ -181,11 +261,11 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, padding_mask, need_attn):
-        h, probs = self.self_attn(x, x, padding_mask, need_probs=need_attn)
+    def forward(self, x, padding_mask, need: Optional[str]):
+        h, record = self.self_attn(x, x, padding_mask, **_record_flags(need))
         x = self.self_attn_norm(x + self.dropout(h))
         x = self.ffn_norm(x + self.dropout(self.ffn(x)))
-        return x, probs
+        return x, record
 
 
 class DecoderLayer(nn.Module):
@@ -199,25 +279,33 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, memory, tgt_padding_mask, src_padding_mask, need_attn):
-        h, self_probs = self.self_attn(x, x, tgt_padding_mask, causal=True, need_probs=need_attn)
+    def forward(self, x, memory, tgt_padding_mask, src_padding_mask, need: Optional[str]):
+        h, self_record = self.self_attn(x, x, tgt_padding_mask, causal=True, **_record_flags(need))
         x = self.self_attn_norm(x + self.dropout(h))
-        h, cross_probs = self.cross_attn(x, memory, src_padding_mask, need_probs=need_attn)
+        h, cross_record = self.cross_attn(x, memory, src_padding_mask, **_record_flags(need))
         x = self.cross_attn_norm(x + self.dropout(h))
         x = self.ffn_norm(x + self.dropout(self.ffn(x)))
-        return x, self_probs, cross_probs
+        return x, self_record, cross_record
 
 
 class Seq2SeqTransformer(nn.Module):
     """Encoder-decoder over one shared vocabulary.
 
-    ``forward(src (B,S), tgt_in (B,T), src_padding_mask, tgt_padding_mask, need_attn)``
-    returns ``(logits (B,T,V), attn)``; ``attn`` is None unless ``need_attn``, then
-    ``{"encoder": [...], "decoder_self": [...], "decoder_cross": [...]}`` with one
-    ``(B, H, T, K)`` probability map per layer.
+    ``forward(src (B,S), tgt_in (B,T), src_padding_mask, tgt_padding_mask, need_attn,
+    need_qk)`` returns ``(logits (B,T,V), attn)``; ``attn`` is None unless asked:
+
+    * ``need_attn`` (``attn_impl="maps"`` only): ``{"encoder": [...], "decoder_self":
+      [...], "decoder_cross": [...]}`` with one ``(B, H, T, K)`` probability map per layer;
+    * ``need_qk`` (either implementation): the same kinds, each a pair ``(queries,
+      keys)`` of per-layer lists of unscaled ``(B, H, T, d)`` / ``(B, H, K, d)``
+      tensors (softmax scale ``1/sqrt(d)``; decoder self-attention is causal).
+
+    ``attn_impl`` ("maps" or "sdpa", see the module docstring) can be changed at any
+    time; it is not part of the parameters or of a checkpoint.
     """
 
-    def __init__(self, config: ModelConfig, vocab_size: int, pad_id: Optional[int] = None) -> None:
+    def __init__(self, config: ModelConfig, vocab_size: int, pad_id: Optional[int] = None,
+                 attn_impl: str = "maps") -> None:
         super().__init__()
         if not isinstance(vocab_size, int) or vocab_size <= 1:
             raise ValueError(f"vocab_size must be an int > 1, got {vocab_size!r}")
@@ -235,34 +323,63 @@ class Seq2SeqTransformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+        self.attn_impl = attn_impl
+
+    @property
+    def attn_impl(self) -> str:
+        """``"maps"`` or ``"sdpa"``: how every attention layer computes (see the module docstring)."""
+        return self._attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, impl: str) -> None:
+        self._attn_impl = _check_impl(impl)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.impl = impl
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens) * self.embed_scale
         positions = sinusoidal_positions(tokens.size(1), self.config.d_model, tokens.device, x.dtype)
         return self.dropout(x + positions)
 
+    def _check_need(self, need_attn: bool, need_qk: bool) -> Optional[str]:
+        need = _need(need_attn, need_qk)
+        if need == "maps" and self.attn_impl != "maps":
+            raise ValueError(f"need_attn needs attn_impl='maps' (attn_impl={self.attn_impl!r} computes no "
+                             "attention maps); ask for need_qk instead")
+        return need
+
     def encode(self, src: torch.Tensor, src_padding_mask: Optional[torch.Tensor] = None,
-               need_attn: bool = False) -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+               need_attn: bool = False, need_qk: bool = False):
+        """``(memory (B,S,D), records)``: records are per-layer maps (``need_attn``), a
+        ``(queries, keys)`` pair of per-layer lists (``need_qk``), or None."""
+        need = self._check_need(need_attn, need_qk)
         x = self._embed(src)
-        maps = []
+        records = []
         for layer in self.encoder_layers:
-            x, probs = layer(x, src_padding_mask, need_attn)
-            maps.append(probs)
-        return x, (maps if need_attn else None)
+            x, record = layer(x, src_padding_mask, need)
+            records.append(record)
+        if need is None:
+            return x, None
+        return x, (records if need == "maps" else _as_qk(records))
 
     def decoder_states(self, tgt_in: torch.Tensor, memory: torch.Tensor,
                        src_padding_mask: Optional[torch.Tensor] = None,
                        tgt_padding_mask: Optional[torch.Tensor] = None,
-                       need_attn: bool = False) -> Tuple[torch.Tensor, Optional[AttentionMaps]]:
+                       need_attn: bool = False, need_qk: bool = False):
         """The decoder's last hidden states (B, T, D), before the output projection."""
+        need = self._check_need(need_attn, need_qk)
         x = self._embed(tgt_in)
-        self_maps, cross_maps = [], []
+        self_records, cross_records = [], []
         for layer in self.decoder_layers:
-            x, self_probs, cross_probs = layer(x, memory, tgt_padding_mask, src_padding_mask, need_attn)
-            self_maps.append(self_probs)
-            cross_maps.append(cross_probs)
-        maps = {"decoder_self": self_maps, "decoder_cross": cross_maps} if need_attn else None
-        return x, maps
+            x, self_record, cross_record = layer(x, memory, tgt_padding_mask, src_padding_mask, need)
+            self_records.append(self_record)
+            cross_records.append(cross_record)
+        if need is None:
+            return x, None
+        if need == "qk":
+            self_records, cross_records = _as_qk(self_records), _as_qk(cross_records)
+        return x, {"decoder_self": self_records, "decoder_cross": cross_records}
 
     def output_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of decoder states: the tied output projection."""
@@ -271,22 +388,24 @@ class Seq2SeqTransformer(nn.Module):
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor,
                src_padding_mask: Optional[torch.Tensor] = None,
                tgt_padding_mask: Optional[torch.Tensor] = None,
-               need_attn: bool = False) -> Tuple[torch.Tensor, Optional[AttentionMaps]]:
-        states, maps = self.decoder_states(tgt_in, memory, src_padding_mask, tgt_padding_mask, need_attn)
-        return self.output_logits(states), maps
+               need_attn: bool = False, need_qk: bool = False):
+        states, records = self.decoder_states(tgt_in, memory, src_padding_mask, tgt_padding_mask,
+                                              need_attn, need_qk)
+        return self.output_logits(states), records
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor,
                 src_padding_mask: Optional[torch.Tensor] = None,
                 tgt_padding_mask: Optional[torch.Tensor] = None,
-                need_attn: bool = False) -> Tuple[torch.Tensor, Optional[AttentionMaps]]:
-        memory, enc_maps = self.encode(src, src_padding_mask, need_attn)
-        logits, dec_maps = self.decode(tgt_in, memory, src_padding_mask, tgt_padding_mask, need_attn)
-        if not need_attn:
+                need_attn: bool = False, need_qk: bool = False
+                ) -> Tuple[torch.Tensor, Optional[Union[AttentionMaps, AttentionQK]]]:
+        memory, enc = self.encode(src, src_padding_mask, need_attn, need_qk)
+        logits, dec = self.decode(tgt_in, memory, src_padding_mask, tgt_padding_mask, need_attn, need_qk)
+        if dec is None:
             return logits, None
-        return logits, {"encoder": enc_maps, **dec_maps}
+        return logits, {"encoder": enc, **dec}
 
 
 def build_model(preset_or_config: Union[str, ModelConfig], vocab_size: int,
-                pad_id: Optional[int] = None) -> Seq2SeqTransformer:
+                pad_id: Optional[int] = None, attn_impl: str = "maps") -> Seq2SeqTransformer:
     """A fresh model from a preset name (see ``PRESETS``) or a ``ModelConfig``."""
-    return Seq2SeqTransformer(resolve_config(preset_or_config), vocab_size, pad_id=pad_id)
+    return Seq2SeqTransformer(resolve_config(preset_or_config), vocab_size, pad_id=pad_id, attn_impl=attn_impl)

@@ -10,6 +10,16 @@
 * the attention term: ``A2DDistiller`` output, already weighted by
   ``beta * decay**(epoch - 1)`` and 1/2 per decoder kind; a sum, skipped in validation.
 
+QK mode (``a2d_qk``): the attention term comes from the layers' queries and keys
+(``A2DDistiller.forward_qk``, the models running ``attn_impl="sdpa"``) instead of their
+maps; same mixers, same value. It always uses the padding masks (``a2d_mask`` must be
+on): QK mode's padding mask both hides padded keys from the softmax and drops them
+from the loss, which only the masked map-mode loss matches exactly. The release's
+unmasked loss keeps padded keys as ordinary (zero-probability) entries of every map,
+which the mixer still mixes and the KL still counts; QK mode cannot express that, so
+it refuses rather than compute something else. On a batch without padding the two
+losses are equal.
+
 Kinds of run (``kd``): ``"none"`` (CE only: the plain baseline student or a teacher),
 ``"word"`` (CE + word-KD) and ``"a2d"`` (CE + word-KD + attention term).
 
@@ -72,10 +82,12 @@ class DistillationObjective(nn.Module):
         label_smoothing: epsilon of the CE.
         distiller: the ``A2DDistiller`` (required for ``kd == "a2d"``, else None).
         a2d_mask: pass the padding masks to the distiller (the release masks nothing).
+        a2d_qk: QK mode: ``student_attn`` / ``teacher_attn`` are the models' ``need_qk``
+            records and the term is ``distiller.forward_qk`` (needs ``kd="a2d"`` and ``a2d_mask``).
     """
 
     def __init__(self, kd: str = "none", alpha: float = 0.5, label_smoothing: float = 0.1,
-                 distiller: Optional[A2DDistiller] = None, a2d_mask: bool = False) -> None:
+                 distiller: Optional[A2DDistiller] = None, a2d_mask: bool = False, a2d_qk: bool = False) -> None:
         super().__init__()
         if kd not in KD_MODES:
             raise ValueError(f"kd must be one of {KD_MODES}, got {kd!r}")
@@ -85,11 +97,17 @@ class DistillationObjective(nn.Module):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         if (kd == "a2d") != (distiller is not None):
             raise ValueError(f"kd={kd!r} {'needs' if kd == 'a2d' else 'takes no'} distiller")
+        if a2d_qk and kd != "a2d":
+            raise ValueError(f"a2d_qk (QK mode) computes the A2D attention term; it needs kd='a2d', got kd={kd!r}")
+        if a2d_qk and not a2d_mask:
+            raise ValueError("a2d_qk (QK mode) computes the padding-masked A2D loss; it needs a2d_mask=True "
+                             "(the unmasked loss keeps padded keys, which QK mode cannot)")
         self.kd = kd
         self.alpha = alpha
         self.label_smoothing = label_smoothing
         self.distiller = distiller
         self.a2d_mask = a2d_mask
+        self.a2d_qk = a2d_qk
 
     @property
     def needs_teacher(self) -> bool:
@@ -98,6 +116,17 @@ class DistillationObjective(nn.Module):
     @property
     def needs_attention(self) -> bool:
         return self.kd == "a2d"
+
+    @property
+    def attention_impl(self) -> str:
+        """The ``attn_impl`` the models run: ``"sdpa"`` in QK mode, else ``"maps"``."""
+        return "sdpa" if self.a2d_qk else "maps"
+
+    def attention_request(self, training: bool = True) -> dict:
+        """The model keywords that return what this objective's attention term takes:
+        ``need_attn`` (maps) or ``need_qk`` (QK mode), or neither."""
+        need = self.needs_attention and training
+        return {"need_attn": need and not self.a2d_qk, "need_qk": need and self.a2d_qk}
 
     def forward(self, student_logits: torch.Tensor, target: torch.Tensor, tgt_padding_mask: torch.Tensor,
                 denominator: float, src_padding_mask: Optional[torch.Tensor] = None,
@@ -118,11 +147,13 @@ class DistillationObjective(nn.Module):
             loss = ((1.0 - self.alpha) * ce + self.alpha * kd) / denominator
         if self.kd == "a2d" and epoch is not None:
             if student_attn is None or teacher_attn is None:
-                raise ValueError("kd='a2d' needs student_attn and teacher_attn in training")
+                raise ValueError("kd='a2d' needs student_attn and teacher_attn in training "
+                                 f"(the models' {'need_qk' if self.a2d_qk else 'need_attn'} records)")
             masks = {}
             if self.a2d_mask:
                 masks = {"src_padding_mask": src_padding_mask, "tgt_padding_mask": tgt_padding_mask}
-            out = self.distiller(student_attn, teacher_attn, epoch=epoch, **masks)
+            term = self.distiller.forward_qk if self.a2d_qk else self.distiller
+            out = term(student_attn, teacher_attn, epoch=epoch, **masks)
             loss = loss + out.total
             parts["attn"] = out.total.detach()
             parts.update({f"attn_{k}": v.detach() for k, v in out.parts.items()})

@@ -89,6 +89,7 @@ class TrainConfig:
     a2d_mask: bool = False
     a2d_normalize: str = "map"
     a2d_backend: str = "auto"
+    a2d_qk: bool = False              # QK mode: SDPA attention, A2D loss from queries and keys
     resume: bool = False
     progress: bool = True
 
@@ -109,6 +110,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.max_epochs or self.max_steps or self.time_budget):
             raise ValueError("set a stopping condition: max_epochs, max_steps or time_budget must be > 0")
+        if self.a2d_qk:
+            if self.kd != "a2d":
+                raise ValueError(f"a2d_qk (QK mode) needs kd='a2d', got kd={self.kd!r}")
+            if not self.a2d_mask:
+                raise ValueError("a2d_qk (QK mode) computes the padding-masked A2D loss; set a2d_mask too "
+                                 "(--a2d-mask): the unmasked loss keeps padded keys, which QK mode cannot")
+            if self.a2d_backend == "cuda":
+                raise ValueError("a2d_backend='cuda' has no QK mode; use 'auto', 'triton' or 'reference' "
+                                 "with a2d_qk")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
 
@@ -247,7 +257,7 @@ class _StudentStep(nn.Module):
 
     def forward(self, batch, denominator, epoch, teacher_logits=None, teacher_attn=None):
         logits, attn = self.student(batch.src, batch.tgt_in, batch.src_padding_mask, batch.tgt_padding_mask,
-                                    need_attn=self.objective.needs_attention and epoch is not None)
+                                    **self.objective.attention_request(training=epoch is not None))
         out = self.objective(logits, batch.tgt_out, batch.tgt_padding_mask, denominator,
                              src_padding_mask=batch.src_padding_mask, student_attn=attn,
                              teacher_logits=teacher_logits, teacher_attn=teacher_attn, epoch=epoch)
@@ -436,7 +446,12 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
         distiller = A2DDistiller(model_config.heads_per_kind(), teacher_config.heads_per_kind(), kinds=kinds,
                                  beta=cfg.beta, decay=cfg.decay, normalize=cfg.a2d_normalize,
                                  backend=cfg.a2d_backend)
-    objective = DistillationObjective(cfg.kd, cfg.alpha, cfg.label_smoothing, distiller, cfg.a2d_mask)
+    objective = DistillationObjective(cfg.kd, cfg.alpha, cfg.label_smoothing, distiller, cfg.a2d_mask,
+                                      a2d_qk=cfg.a2d_qk)
+    # QK mode: both models run fused attention and hand the loss queries and keys.
+    student.attn_impl = objective.attention_impl
+    if teacher is not None:
+        teacher.attn_impl = objective.attention_impl
     module = _StudentStep(student, objective).to(ctx.device)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -569,7 +584,7 @@ def _update(ddp, module, teacher, objective, group, optimizer, scheduler, ctx, c
         if teacher is not None:
             with torch.no_grad(), _autocast(ctx, cfg.amp):
                 teacher_logits, teacher_attn = teacher(batch.src, batch.tgt_in, batch.src_padding_mask,
-                                                       batch.tgt_padding_mask, need_attn=objective.needs_attention)
+                                                       batch.tgt_padding_mask, **objective.attention_request())
         sync = ctx.world_size == 1 or i == len(group) - 1
         context = ddp.no_sync() if not sync else contextlib.nullcontext()
         with context:
