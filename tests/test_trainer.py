@@ -306,6 +306,10 @@ def test_resume_continues_exactly(toy, tmp_path):
     train(train_config(toy["data"], tmp_path / "split", max_steps=2, **kw))
     first = _params(tmp_path / "split" / "checkpoint_last.pt")
     assert first["step"] == 2 and first["batch_index"] > 0  # stopped mid-epoch
+    # As if killed after logging update 3 but before checkpointing it (the last line
+    # torn): the resumed run redoes update 3, and its log must not hold it twice.
+    with open(tmp_path / "split" / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": "train", "step": 3, "loss": -1.0}) + '\n{"kind": "tr')
     train(train_config(toy["data"], tmp_path / "split", max_steps=4, resume=True, **kw))
     a = _params(tmp_path / "straight" / "checkpoint_last.pt")
     b = _params(tmp_path / "split" / "checkpoint_last.pt")

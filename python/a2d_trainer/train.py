@@ -335,6 +335,27 @@ class _Logger:
                 f.write(json.dumps(record) + "\n")
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the records of updates after ``step`` (the checkpoint resumed from).
+
+    A run killed between two checkpoints has logged updates that the resumed run
+    does again; without this the log (and its plot) would hold them twice.
+    """
+    if not path.is_file():
+        return
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except ValueError:  # a line torn by the kill
+            return False
+
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if before(line)]
+    if len(kept) != len(lines):
+        atomic.write_lines(path, kept)
+
+
 def plot_learning_curves(log_path, png_path) -> None:
     """Two panels from ``log.jsonl``: the training objective (with the A2D term, a sum,
     it lives on another scale) and the per-token NLL, training and validation."""
@@ -487,8 +508,11 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
         ddp = nn.parallel.DistributedDataParallel(
             module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
-    if not resumed and ctx.is_main:  # a fresh run starts a fresh log
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
+    if ctx.is_main:
+        if not resumed:  # a fresh run starts a fresh log
+            (run_dir / "log.jsonl").unlink(missing_ok=True)
+        else:
+            _trim_log(run_dir / "log.jsonl", step)
     logger = _Logger(run_dir / "log.jsonl", ctx.is_main)
     logger.write({"kind": "start", "resumed": resumed, "step": step, "epoch": epoch, "world_size": ctx.world_size,
                   "config": dataclasses.asdict(cfg), "model_config": model_config.to_dict(),
