@@ -111,10 +111,11 @@ def auto_order(problem: A2DProblem) -> Sequence[str]:
     """Fused backends ``backend="auto"`` tries, in order, before the reference.
 
     On the CPU the Triton interpreter is far slower than the reference, so auto never
-    picks a fused backend there. On CUDA, Triton goes first: its mixing runs on tensor
-    cores (``tl.dot``) while the CUDA kernels mix with FMAs. This order is provisional:
-    no GPU timing of either backend exists yet (README, "Choosing a backend"), and it
-    is to be set per shape from ``benchmarks/`` results.
+    picks a fused backend there. On CUDA, Triton goes first. Both backends mix with
+    fp32 FMAs (Triton's ``tl.dot`` runs with ``input_precision="ieee"``, not on tensor
+    cores), so this order is provisional: no GPU timing of either backend exists yet
+    (README, "Choosing a backend"), and it is to be set per shape from ``benchmarks/``
+    results.
     """
     if problem.device.type != "cuda":
         return ()
