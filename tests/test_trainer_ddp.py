@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from test_trainer import make_toy_data, train_config
+from test_trainer import make_toy_data, toy_pairs, train_config, write_split
 
 
 def _torchrun_available():
@@ -30,6 +30,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     from a2d_trainer.train import train
 
     data = make_toy_data(tmp_path / "data")
+    # A validation set of one batch: fewer batches than ranks must still validate, on all of it.
+    write_split(data, "valid", toy_pairs(3, 1))
     teacher = train(train_config(data, tmp_path / "teacher", preset="micro-teacher", max_steps=2))["checkpoint"]
     common = ["--data", str(data), "--teacher", teacher, "--kd", "a2d", "--preset", "micro-student",
               "--dropout", "0", "--max-tokens", "160", "--max-steps", "3", "--warmup-updates", "2",
@@ -69,3 +71,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     ddp_losses, single_losses = losses(ddp_run), losses(tmp_path / "single")
     assert len(ddp_losses) == 3 and ddp_losses[0] != ddp_losses[-1]
     torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single_losses), rtol=1e-5, atol=1e-6)
+
+    def valid(run):  # every validation sentence counts on any number of ranks
+        records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        return [(r["tokens"], r["nll"]) for r in records if r["kind"] == "valid"]
+
+    (ddp_tokens, ddp_nll), (single_tokens, single_nll) = valid(ddp_run)[-1], valid(tmp_path / "single")[-1]
+    assert ddp_tokens == single_tokens
+    assert abs(ddp_nll - single_nll) <= 1e-5 * abs(single_nll)

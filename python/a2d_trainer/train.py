@@ -534,8 +534,10 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
             "train_config": dataclasses.asdict(cfg),
         }, path)
 
+    # Every validation sentence counts (equal_shards=False): validate() meets the other
+    # ranks only in its final all-reduce, so the shards need not be equal.
     valid_batches = batches_by_tokens(valid_data, cfg.max_tokens, shuffle=False, seed=cfg.seed, epoch=1,
-                                      rank=ctx.rank, world_size=ctx.world_size)
+                                      rank=ctx.rank, world_size=ctx.world_size, equal_shards=False)
 
     def run_validation(next_epoch: int, next_batch: int) -> None:
         nonlocal best_valid
