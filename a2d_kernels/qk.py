@@ -47,6 +47,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .custom_ops import _layout_like
 from .problem import FLOAT_DTYPES, A2DProblem, make_problem
 from .reference import a2d_kl_reference
 
@@ -350,13 +351,6 @@ def _a2d_kl_qk_fwd_fake(student_q, student_k, teacher_q, teacher_k, weight, bias
     return new(), [new(B, Cs, T), new(B, Ct, T), new(3, B, Ct, T)]
 
 
-def _like(grad: Tensor, like: Tensor) -> Tensor:
-    """``grad`` laid out as ``torch.empty_like(like)``, the layout the fake promises."""
-    if grad.stride() == torch.empty_like(like, device="meta").stride():
-        return grad
-    return torch.empty_like(like).copy_(grad)
-
-
 @torch.library.custom_op("a2d_kernels::a2d_kl_qk_bwd", mutates_args=())
 def a2d_kl_qk_bwd(grad_loss: Tensor, student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teacher_k: Tensor,
                   weight: Tensor, bias: Optional[Tensor], key_valid: Optional[Tensor],
@@ -368,8 +362,8 @@ def a2d_kl_qk_bwd(grad_loss: Tensor, student_q: Tensor, student_k: Tensor, teach
                       student_scale, teacher_scale, causal, normalize, reduction)
     grad_scale = (grad_loss.to(torch.float32) / problem.maps.reduction_denominator()).reshape(())
     dq, dk, dweight, dbias = _triton_kernels().backward(problem, tuple(saved), grad_scale, need_qk)
-    d_qk = [_like(dq, student_q), _like(dk, student_k)] if need_qk else []
-    return d_qk, _like(dweight, weight), [] if dbias is None else [_like(dbias, bias)]
+    d_qk = [_layout_like(dq, student_q), _layout_like(dk, student_k)] if need_qk else []
+    return d_qk, _layout_like(dweight, weight), [] if dbias is None else [_layout_like(dbias, bias)]
 
 
 @a2d_kl_qk_bwd.register_fake
