@@ -497,12 +497,12 @@ def unsupported_reason(problem) -> Optional[str]:
         if t.shape[3] > MAX_HEAD_DIM:
             return f"{side} head dim must be <= {MAX_HEAD_DIM}, got {t.shape[3]}"
     # Offsets are 32-bit in the kernels: bound every input's extent and the largest
-    # partial buffer (dQ/dK shares per teacher-channel block, at most 16 blocks wide).
+    # partial buffer (dQ/dK: one share per teacher-channel block of the tile plan).
     B, Cs, T, Ds = problem.student_q.shape
     K, Ct = problem.student_k.shape[2], problem.teacher_q.shape[1]
     extents = [1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
                for t in (problem.student_q, problem.student_k, problem.teacher_q, problem.teacher_k)]
-    partial = triton.cdiv(Ct, 16) * B * Cs * max(T, K) * Ds
+    partial = triton.cdiv(Ct, _tiles(problem).ct_block) * B * Cs * max(T, K) * Ds
     if max(*extents, partial, 4 * B * Ct * T) >= 2 ** 31:
         return "inputs or buffers with 2**31 or more elements (the kernels use 32-bit offsets)"
     return None
