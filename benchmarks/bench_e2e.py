@@ -75,8 +75,8 @@ class DistillStep:
                           F.softmax(t_logits.float(), -1).reshape(-1, V), reduction="batchmean")
             loss = (1 - self.alpha) * ce + self.alpha * kd
         if need_attn:
-            # The attention term sees the maps as the model produced them (fp32 maps
-            # under autocast too: softmax runs in fp32 there).
+            # The attention term sees the maps as the model produced them: bf16 under
+            # --amp bf16 (the model's fp32 softmax is cast back to the scores' dtype).
             loss = loss + self.distiller(s_attn, t_attn, epoch=1).total
         loss.backward()
         self.optimizer.step()
