@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from a2d_kernels import A2DLoss, a2d_kl, make_problem
-from helpers import ragged_masks as make_masks
+from helpers import ragged_masks as make_masks, rel_err
 
 triton_a2d = pytest.importorskip("a2d_kernels.ops.triton_a2d")
 
@@ -59,10 +59,6 @@ def as_float64(t):
     if t is None:
         return None
     return t.detach().double().requires_grad_(t.requires_grad)
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def check(student, teacher, weight, bias, tol=FP32_TOL, grad_tol=None, **kwargs):
