@@ -252,7 +252,7 @@ def row_forward(
             a = tl.reshape(a, (CT_PAD, BLOCK_T, BLOCK_K))
             valid3 = tl.reshape(valid, (BLOCK_T, BLOCK_K))[None, :, :]
             m, s_sum, _, e = online_logsumexp(m, s_sum, z, valid3, 2)
-            # a is 0 wherever not valid. A row is centered once it has mass (p >= 0).
+            # a is 0 wherever not valid. A row is centered once it has mass (P > 0).
             centered = (p_hi + p_lo) > 0.0
             a_hi = _split_mass(a)
             p_hi += tl.sum(a_hi, axis=2)
