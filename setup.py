@@ -107,6 +107,13 @@ def max_jobs():
 class BuildCudaExt(build_ext):
     """Compile the .cu sources with nvcc, then let setuptools build and link the rest."""
 
+    def build_extensions(self):
+        self._not_built = set()
+        super().build_extensions()
+        # A skipped extension must not stay listed: setuptools would then copy its missing
+        # file (an editable install, `pip install -e .`, failed with "can't copy ... _C...so").
+        self.extensions = [ext for ext in self.extensions if ext.name not in self._not_built]
+
     def build_extension(self, ext):
         if ext.name != EXT_NAME:
             return super().build_extension(ext)
@@ -116,6 +123,7 @@ class BuildCudaExt(build_ext):
         except Exception as exc:  # noqa: BLE001 - any failure is reported the same way
             if forced:
                 raise
+            self._not_built.add(ext.name)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             say(f"CUDA extension not built ({reason}); the Triton and reference backends "
                 "still work. Set A2D_BUILD_CUDA=1 to make this an error.")

@@ -66,3 +66,22 @@ def test_arch_list_parsing():
         "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_86,code=sm_86"]
     with pytest.raises(SystemExit, match="A2D_CUDA_ARCHS"):
         setup_py.parse_archs("volta")
+
+
+def test_install_without_nvcc_skips_the_extension(tmp_path, monkeypatch):
+    """No nvcc: build_ext --inplace (what an editable install runs) succeeds without
+    ``_C`` instead of failing to copy the extension it never built."""
+    from setuptools import Distribution
+
+    (tmp_path / "a2d_kernels").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(setup_py, "find_nvcc", lambda: None)
+    monkeypatch.setenv("A2D_BUILD_CUDA", "auto")
+    dist = Distribution({"name": "a2d-kernels", "ext_modules": setup_py.extensions(),
+                         "cmdclass": {"build_ext": setup_py.BuildCudaExt}})
+    cmd = dist.get_command_obj("build_ext")
+    cmd.inplace = True
+    cmd.ensure_finalized()
+    cmd.run()
+    assert cmd.extensions == [] and cmd.get_outputs() == []
+    assert not list((tmp_path / "a2d_kernels").glob("_C*"))
