@@ -161,16 +161,10 @@ def a2d_kl_fwd(
 @a2d_kl_fwd.register_fake
 def _a2d_kl_fwd_fake(backend, student, teacher, weight, bias, key_valid, query_valid, normalize, reduction):
     problem = _problem(student, teacher, weight, bias, key_valid, query_valid, normalize, reduction)
-    kernels = _kernels(backend)
-    specs = getattr(kernels, "saved_specs", None)
-    if specs is None:
-        raise NotImplementedError(
-            f"backend {backend!r} has no saved_specs(problem): torch.compile needs the shape "
-            "and dtype of every statistic its forward saves (see a2d_kernels/custom_ops.py)"
-        )
     device = problem.device
     loss = torch.empty((), dtype=reference.compute_dtype(problem), device=device)
-    saved = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs(problem)]
+    saved = [torch.empty(shape, dtype=dtype, device=device)
+             for shape, dtype in _kernels(backend).saved_specs(problem)]
     return loss, saved
 
 
