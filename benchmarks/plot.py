@@ -58,9 +58,13 @@ def plot_results(results: dict, out_dir: Path) -> List[Path]:
                            if r.get("peak_extra_bytes")]
                     if mem:
                         m_ax.plot(*zip(*mem), marker="o", label=label)
-                floor = [(r["shape"]["T"], r["floor_ms"]) for r in ok if r.get("floor_ms")]
-                if name == names[0] and floor:
-                    t_ax.plot(*zip(*floor), "k--", linewidth=1, label="byte floor (copy bandwidth)")
+            # The floor depends on the shape only: take it from any contender that ran,
+            # so it still spans the T where eager ran out of memory.
+            floor = dict(sorted((r["shape"]["T"], r["floor_ms"]) for r in rows
+                                if r["phase"] == phase and r.get("status") == "ok" and r.get("floor_ms")))
+            if floor:
+                t_ax.plot(list(floor), list(floor.values()), "k--", linewidth=1,
+                          label="byte floor (copy bandwidth)")
             for ax in (t_ax, m_ax):
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
