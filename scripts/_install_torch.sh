@@ -3,6 +3,8 @@
 # from PyTorch's CPU index, or from a local wheel folder when pip is set up with one.
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[a2d] torch not found: installing a CPU build"
-  "$PY" -m pip install --quiet "torch==2.13.0" 2>/dev/null \
-    || "$PY" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+  # The CPU index first: the plain install (PyPI, or a local wheel folder pip is set up
+  # with) is the fallback, since from PyPI on Linux it is the multi-GB CUDA build.
+  "$PY" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+    || "$PY" -m pip install --quiet "torch==2.13.0"
 fi
