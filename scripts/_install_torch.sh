@@ -1,10 +1,10 @@
 # Sourced by the scripts: install a CPU build of torch when none is installed.
-# A plain `pip install torch` would pull a multi-GB CUDA build; the CPU wheel comes
-# from PyTorch's CPU index, or from a local wheel folder when pip is set up with one.
+# A plain `pip install torch` from PyPI on Linux is the multi-GB CUDA build, so it is
+# never used: first a wheel from a local folder pip is set up with (find-links; no
+# index is asked, so nothing else can be picked), else PyTorch's CPU index.
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[a2d] torch not found: installing a CPU build"
-  # The CPU index first: the plain install (PyPI, or a local wheel folder pip is set up
-  # with) is the fallback, since from PyPI on Linux it is the multi-GB CUDA build.
-  "$PY" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-    || "$PY" -m pip install --quiet "torch==2.13.0"
+  "$PY" -m pip install --quiet --no-index torch 2>/dev/null \
+    || "$PY" -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+  "$PY" -c "import torch; print('[a2d] installed torch', torch.__version__)"
 fi
