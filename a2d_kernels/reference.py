@@ -48,8 +48,15 @@ def mixed_logits(problem: A2DProblem, dtype: torch.dtype) -> torch.Tensor:
 def kl_per_map(problem: A2DProblem) -> torch.Tensor:
     """Summed KL of every (batch, teacher channel) pair, shape (B, Ct).
 
-    In "row" mode this is the sum over that map's valid query rows.
+    In "row" mode this is the sum over that map's valid query rows. Autocast is off
+    inside: under a bf16 autocast region the mixing einsum would otherwise run in bf16,
+    while the spec (and every fused backend) accumulates in fp32.
     """
+    with torch.autocast(problem.device.type, enabled=False):
+        return _kl_per_map(problem)
+
+
+def _kl_per_map(problem: A2DProblem) -> torch.Tensor:
     dtype = compute_dtype(problem)
     Z = mixed_logits(problem, dtype)
     A = torch.cat([a.to(dtype) for a in problem.teacher], dim=1)

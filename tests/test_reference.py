@@ -170,3 +170,12 @@ def test_conv2d_weight_is_accepted_as_is():
     conv = torch.nn.Conv2d(3, 4, 1)
     assert torch.equal(a2d_kl(student, teacher, conv.weight, conv.bias),
                        a2d_kl(student, teacher, conv.weight.flatten(1), conv.bias))
+
+
+def test_autocast_does_not_lower_the_mixing_precision():
+    student, teacher, weight, bias = _case((2, [3, 3], [4, 4], 6, 6), dtype=torch.float32)
+    expected = a2d_kl(student, teacher, weight.float(), bias.float(), normalize="row")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = a2d_kl(student, teacher, weight.float(), bias.float(), normalize="row")
+    assert got.dtype == torch.float32
+    assert rel_err(got, expected) < 1e-6
