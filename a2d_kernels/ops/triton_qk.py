@@ -11,8 +11,11 @@ Forward (nothing of size T*K is written):
      scores (flash-attention's row statistic), for the student and the teacher.
   2. ``_forward_stats_kernel``: per (batch, query block, teacher-channel block), walks
      every key block, rebuilds S and A from q, k and the row lse, mixes Z, and keeps
-     four per-row statistics (online lse of Z plus two sums, which depend on the mode).
-     The host folds them into the KL of every map: O(B*Ct*T) work in PyTorch.
+     the online lse of Z plus sums taken about a center, so that a nearly converged
+     student's KL (second order in the mismatch) is not the difference of first-order
+     terms (the map-path forward's formulation, ``_triton_forward``). Row mode finishes
+     each row's KL in the kernel; map mode writes per-query-block partials that the
+     map path's own ``map_forward_combine`` merges into the KL of every map.
 
 Backward, flash-attention style (dZ -> dS -> through the softmax -> dQ, dK), three
 launches of ``_backward_kernel`` that recompute S, A, Z and dZ tile by tile:
@@ -53,6 +56,11 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._triton_forward import MAP_PARTIALS, MAP_SAVED, map_forward_combine
+from ._triton_tiles import expm1_minus_x, log1p_minus_x
+
+_MAP_PARTIALS = tl.constexpr(MAP_PARTIALS)  # a global a kernel may read must be a constexpr
 
 # ------------------------------------------------------------------ jit helpers
 
@@ -216,11 +224,29 @@ def _forward_stats_kernel(
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, CS_PAD: tl.constexpr, CT_BLOCK: tl.constexpr,
     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
-    """Per (b, teacher channel, query row) statistics over the row's loss entries.
+    """KL statistics of one (b, query block, teacher-channel block), in the centered
+    second-order form of ``_triton_forward`` (its module docstring has the derivation):
+    close to convergence the KL is second order in the student-teacher mismatch while
+    the naive sums are first order and cancel, so every sum here is taken relative to
+    a center and is itself of the size of the KL.
 
-    Writes stats[b, c, t, 0:4] = (z_max, z_sum) (online log-sum-exp of Z), then (u, v):
-      map mode: u = sum exp(A), v = sum exp(A) * (A - Z)   (A is in [0, 1]: no shift needed)
-      row mode: u = sum A,      v = sum A * (log A - Z)    (terms with A = 0 are 0)
+    Map mode, y = Z - A, e = exp(A) (A is in [0, 1]: no shift needed): writes the
+    query block's partials in ``_triton_forward.map_forward_combine``'s layout, stats
+    (B, n_query_blocks, MAP_PARTIALS, Ct) = (mZ, sZ, mA = 0, sA = sum e,
+    U = sum e (y - c), H = sum e expm1_minus_x(y - c), c), with c the e-weighted mean
+    of y over the block's first tile with loss entries; that kernel merges the blocks
+    (exactly, re-centering each) and finishes the KL.
+
+    Row mode, per row, with p = A / P the teacher row (P = sum A, 1 up to rounding:
+    normalizing drops a P log P term of the size of fp32 rounding that would swamp a
+    converged row's KL), y = Z - log A on entries with A > 0, c the A-weighted mean of
+    y over the row's first key block with mass, W = sum A (y - c),
+    H = sum A expm1_minus_x(y - c), R = sum of exp(Z - c) over the A = 0 entries and
+    sigma = (W + H + R) / P:
+        KL = (H + R) / P + log1p_minus_x(sigma)             for |sigma| < 1/2,
+        KL = lseZ - (W + c P) / P - log P                    otherwise (no cancellation),
+    writes stats (B, Ct, T, 3) = (row KL, lse of Z over the row, P).
+
     Loss entries: key not padded and query not padded. Causally hidden entries are
     loss entries too (S = A = 0, Z = bias there): key blocks that are hidden from the
     whole query block are added in closed form (see ``_causal_keys``).
@@ -239,10 +265,23 @@ def _forward_stats_kernel(
     tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt,
                      BLOCK_DT, DOT_FP32)
 
-    z_max = tl.full((CT_BLOCK, BLOCK_T), -1e30, tl.float32)
-    z_sum = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
-    u = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
-    v = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
+    # Map mode reduces over the whole block (rows and keys), row mode over keys only.
+    if MAP_MODE:
+        z_max = tl.full((CT_BLOCK,), -1e30, tl.float32)
+        z_sum = tl.zeros((CT_BLOCK,), tl.float32)
+        mass = tl.zeros((CT_BLOCK,), tl.float32)
+        w_sum = tl.zeros((CT_BLOCK,), tl.float32)
+        h_sum = tl.zeros((CT_BLOCK,), tl.float32)
+        center = tl.zeros((CT_BLOCK,), tl.float32)
+        centered = tl.zeros((CT_BLOCK,), tl.int1)
+    else:
+        z_max = tl.full((CT_BLOCK, BLOCK_T), -1e30, tl.float32)
+        z_sum = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
+        mass = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
+        w_sum = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
+        h_sum = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
+        r_sum = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
+        center = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32)
     k_end = K
     if CAUSAL:
         k_end, n_hidden = _causal_keys(b, tl.program_id(1), key_suffix_ptr, K, HAS_KEY_MASK, BLOCK_T, BLOCK_K)
@@ -261,34 +300,97 @@ def _forward_stats_kernel(
         Z = _mix(w, S, bias, CT_BLOCK, CS_PAD, BLOCK_T, BLOCK_K)
 
         z = tl.where(in_loss, Z, float("-inf"))
-        z_max_new = tl.maximum(z_max, tl.max(z, axis=2))
-        z_sum = z_sum * tl.exp(z_max - z_max_new) + tl.sum(tl.exp(z - z_max_new[:, :, None]), axis=2)
-        z_max = z_max_new
         if MAP_MODE:
-            ea = tl.where(in_loss, tl.exp(A), 0.0)
-            u += tl.sum(ea, axis=2)
-            v += tl.sum(ea * (A - Z), axis=2)
+            z_max_new = tl.maximum(z_max, tl.max(tl.max(z, axis=2), axis=1))
+            z_sum = z_sum * tl.exp(z_max - z_max_new) + tl.sum(
+                tl.sum(tl.exp(z - z_max_new[:, None, None]), axis=2), axis=1)
+            z_max = z_max_new
+            e = tl.where(in_loss, tl.exp(A), 0.0)
+            y = Z - A
+            tile_e = tl.sum(tl.sum(e, axis=2), axis=1)
+            # The center is fixed by the first tile with loss entries (nothing was
+            # accumulated before it).
+            tile_center = tl.sum(tl.sum(e * y, axis=2), axis=1) / tl.where(tile_e > 0.0, tile_e, 1.0)
+            center = tl.where(centered, center, tile_center)
+            centered = centered | (tile_e > 0.0)
+            y = tl.where(in_loss, y - center[:, None, None], 0.0)
+            mass += tile_e
+            w_sum += tl.sum(tl.sum(e * y, axis=2), axis=1)
+            # May overflow far from convergence; the combine then takes the far form.
+            h_sum += tl.sum(tl.sum(e * expm1_minus_x(y), axis=2), axis=1)
         else:
-            pos = in_loss & (A > 0)
-            u += tl.sum(tl.where(pos, A, 0.0), axis=2)
-            v += tl.sum(tl.where(pos, A * (tl.log(tl.where(pos, A, 1.0)) - Z), 0.0), axis=2)
-    if CAUSAL:  # n hidden entries per row with Z = bias, A = 0 (row mode: no u, v terms)
-        n = tl.where(query_ok, n_hidden, 0.0)[None, :]
-        zb = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32) + bias[:, None]
-        z_max_new = tl.where(n > 0, tl.maximum(z_max, zb), z_max)
-        # zb <= z_max_new wherever n > 0; the clamp keeps n = 0 rows from meeting inf.
-        z_sum = z_sum * tl.exp(z_max - z_max_new) + n * tl.exp(tl.minimum(zb - z_max_new, 0.0))
-        z_max = z_max_new
-        if MAP_MODE:
-            u += n
-            v -= n * zb
+            z_max_new = tl.maximum(z_max, tl.max(z, axis=2))
+            z_sum = z_sum * tl.exp(z_max - z_max_new)
+            ez = tl.exp(z - z_max_new[:, :, None])  # exp(Z - m), 0 off the loss entries
+            z_sum += tl.sum(ez, axis=2)
+            z_max = z_max_new
+            # Entries with A = 0 (causally hidden, or underflowed) have no log A: R takes them.
+            has = in_loss & (A > 0.0)
+            a_mass = tl.where(has, A, 0.0)
+            y = tl.where(has, Z - tl.log(tl.where(has, A, 1.0)), 0.0)
+            centered = mass > 0.0
+            tile_p = tl.sum(a_mass, axis=2)
+            new_center = tl.where(centered, center,
+                                  tl.sum(a_mass * y, axis=2) / tl.where(tile_p > 0.0, tile_p, 1.0))
+            # R so far was relative to the placeholder center 0 of an uncentered row.
+            r_sum = tl.where(centered, r_sum, r_sum * tl.exp(-new_center))
+            center = new_center
+            y = tl.where(has, y - center[:, :, None], 0.0)
+            mass += tile_p
+            w_sum += tl.sum(a_mass * y, axis=2)
+            h_sum += tl.sum(a_mass * expm1_minus_x(y), axis=2)
+            # exp(Z - c) = exp(Z - m) exp(m - c).
+            r_sum += tl.sum(tl.where(in_loss & ~has, ez, 0.0), axis=2) * tl.exp(z_max - center)
 
-    base = stats_ptr + b * Ct * T * 4 + ct[:, None] * T * 4 + t[None, :] * 4
-    mask = (ct < Ct)[:, None] & (t < T)[None, :]
-    tl.store(base + 0, z_max, mask=mask)
-    tl.store(base + 1, z_sum, mask=mask)
-    tl.store(base + 2, u, mask=mask)
-    tl.store(base + 3, v, mask=mask)
+    if CAUSAL:  # n hidden entries per row with Z = bias, A = 0
+        n = tl.where(query_ok, n_hidden, 0.0)[None, :]
+        if MAP_MODE:
+            n = tl.sum(n, axis=1)  # (1,): hidden entries of the whole block
+            z_max_new = tl.where(n > 0, tl.maximum(z_max, bias), z_max)
+            # bias <= z_max_new wherever n > 0; the clamp keeps n = 0 from meeting inf.
+            z_sum = z_sum * tl.exp(z_max - z_max_new) + n * tl.exp(tl.minimum(bias - z_max_new, 0.0))
+            z_max = z_max_new
+            # There y = bias and e = 1 (a block whose keys are all hidden centers at bias).
+            center = tl.where(centered | (n == 0), center, bias)
+            d = tl.where(n > 0, bias - center, 0.0)
+            mass += n
+            w_sum += n * d
+            h_sum += n * expm1_minus_x(d)
+        else:
+            zb = tl.zeros((CT_BLOCK, BLOCK_T), tl.float32) + bias[:, None]
+            z_max_new = tl.where(n > 0, tl.maximum(z_max, zb), z_max)
+            z_sum = z_sum * tl.exp(z_max - z_max_new) + n * tl.exp(tl.minimum(zb - z_max_new, 0.0))
+            z_max = z_max_new
+            # Only rows with mass (hence centered) use R; others must not overflow.
+            r_sum += tl.where(mass > 0.0, n * tl.exp(tl.where(mass > 0.0, zb - center, 0.0)), 0.0)
+
+    if MAP_MODE:
+        base = stats_ptr + ((b * tl.num_programs(1) + tl.program_id(1)) * _MAP_PARTIALS) * Ct + ct
+        ok = ct < Ct
+        tl.store(base, z_max, mask=ok)
+        tl.store(base + Ct, z_sum, mask=ok)
+        tl.store(base + 2 * Ct, tl.zeros((CT_BLOCK,), tl.float32), mask=ok)  # mA: exp(A) needs no shift
+        tl.store(base + 3 * Ct, mass, mask=ok)
+        tl.store(base + 4 * Ct, w_sum, mask=ok)
+        tl.store(base + 5 * Ct, h_sum, mask=ok)
+        tl.store(base + 6 * Ct, center, mask=ok)
+    else:
+        has_keys = z_sum > 0.0  # False for padded query rows, rows past the end, no loss key
+        has_mass = has_keys & (mass > 0.0)
+        safe_p = tl.where(has_mass, mass, 1.0)
+        z_lse = tl.where(has_keys, z_max + tl.log(tl.where(has_keys, z_sum, 1.0)), 0.0)
+        sigma = (w_sum + h_sum + r_sum) / safe_p
+        near = has_mass & (tl.abs(sigma) < 0.5)  # False for NaN or an overflowed sigma
+        sigma = tl.where(near, sigma, 0.0)
+        kl = tl.where(near, (h_sum + r_sum) / safe_p + log1p_minus_x(sigma),
+                      z_lse - (w_sum / safe_p + center) - tl.log(safe_p))
+        # A row without teacher mass (no visible key) is all zeros: KL 0.
+        kl = tl.where(has_mass, kl, 0.0)
+        base = stats_ptr + b * Ct * T * 3 + ct[:, None] * T * 3 + t[None, :] * 3
+        mask = (ct < Ct)[:, None] & (t < T)[None, :]
+        tl.store(base + 0, kl, mask=mask)
+        tl.store(base + 1, z_lse, mask=mask)
+        tl.store(base + 2, mass, mask=mask)
 
 
 # ------------------------------------------------------------------- backward
@@ -612,41 +714,43 @@ def forward(problem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     lse_t = _row_lse(tq, tk, problem.teacher_scale, problem, key_valid, stride_kv, tiles, tiles.ct_block,
                      tiles.block_dt)
 
-    stats = torch.empty(B, Ct, T, 4, dtype=torch.float32, device=sq.device)
-    grid = (B, triton.cdiv(T, tiles.block_t), triton.cdiv(Ct, tiles.ct_block))
+    map_mode = problem.normalize == "map"
+    nT = triton.cdiv(T, tiles.block_t)
+    if map_mode:
+        stats = torch.empty(B, nT, MAP_PARTIALS, Ct, dtype=torch.float32, device=sq.device)
+    else:
+        stats = torch.empty(B, Ct, T, 3, dtype=torch.float32, device=sq.device)
+    grid = (B, nT, triton.cdiv(Ct, tiles.ct_block))
     _forward_stats_kernel[grid](
         *_common_args(problem, lse_s, lse_t, key_valid, query_valid, key_suffix), stats,
         *_common_strides(problem, stride_kv, stride_qv), **_common_meta(problem, tiles),
     )
-    kl, shifts = _fold_stats(stats, problem.normalize == "map")
+    kl, shifts = _fold_map_stats(stats, T) if map_mode else _fold_row_stats(stats)
     return kl, (lse_s, lse_t, shifts)
 
 
-def _fold_stats(stats: torch.Tensor, map_mode: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row statistics -> KL per (b, c) and the shifts backward needs.
-
-    Rows and maps with no loss entry (all keys padded, query padded) have z_sum = 0
-    (and u = v = 0): they contribute 0 and get finite shifts, never NaN.
-    """
-    z_max, z_sum, u, v = stats.unbind(-1)
-    empty = z_sum <= 0
-    z_lse = torch.where(empty, 0.0, z_max + torch.log(torch.where(empty, 1.0, z_sum)))
-    if map_mode:
-        # One distribution per map: merge the rows' log-sum-exps and sums.
-        map_z_lse = torch.logsumexp(torch.where(empty, float("-inf"), z_lse), dim=-1)
-        mass, cross = u.sum(-1), v.sum(-1)  # sum exp(A), sum exp(A) (A - Z)
-        has = mass > 0
-        a_lse = torch.log(torch.where(has, mass, 1.0))
-        map_z_lse = torch.where(has, map_z_lse, 0.0)
-        kl = torch.where(has, cross / torch.where(has, mass, 1.0) - a_lse + map_z_lse, 0.0)
-        T = stats.shape[2]
-        shifts = torch.stack([map_z_lse[..., None].expand(-1, -1, T), a_lse[..., None].expand(-1, -1, T),
-                              torch.zeros_like(z_lse)])
-    else:
-        # Row KL = sum A (log A - Z) + (sum A) * lse(Z): u = sum A, v = sum A (log A - Z).
-        kl = torch.where(empty, 0.0, v + u * z_lse).sum(-1)
-        shifts = torch.stack([z_lse, torch.zeros_like(z_lse), u])
+def _fold_map_stats(partials: torch.Tensor, T: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Query-block partials (B, nT, MAP_PARTIALS, Ct) -> KL per (b, c) and the shifts
+    backward needs, merged by the map-path backend's own combine kernel (same
+    statistics, same centered form). A map with no loss entry gets KL 0 and finite
+    shifts."""
+    B, n_blocks, _, Ct = partials.shape
+    kl = torch.empty(B, Ct, dtype=torch.float32, device=partials.device)
+    saved = torch.empty(B, MAP_SAVED, Ct, dtype=torch.float32, device=partials.device)
+    map_forward_combine[(B,)](partials, *partials.stride()[:3], kl, saved, *saved.stride()[:2], n_blocks, Ct,
+                              CT_PAD=triton.next_power_of_2(Ct))
+    # saved = (mZ, log sZ, mA, log sA, ...): the map log-sum-exps of Z and of A.
+    z_lse, a_lse = saved[:, 0] + saved[:, 1], saved[:, 2] + saved[:, 3]
+    shifts = torch.stack([z_lse[..., None].expand(-1, -1, T), a_lse[..., None].expand(-1, -1, T),
+                          torch.zeros_like(z_lse)[..., None].expand(-1, -1, T)])
     return kl, shifts.contiguous()
+
+
+def _fold_row_stats(stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (KL, lse of Z, P) (B, Ct, T, 3) -> KL per (b, c) and the shifts backward
+    needs. Rows with no loss entry carry KL 0, lse 0 and P = 0."""
+    row_kl, z_lse, mass = stats.unbind(-1)
+    return row_kl.sum(-1), torch.stack([z_lse, torch.zeros_like(z_lse), mass]).contiguous()
 
 
 def backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
