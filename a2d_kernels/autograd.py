@@ -24,13 +24,11 @@ class FusedA2DKL(torch.autograd.Function):
             normalize=normalize, reduction=reduction,
         )
         kl, saved = backend.forward(problem)
-        denom = problem.reduction_denominator()
         # Inputs are alive anyway; ``saved`` holds only O(B*Ct*T) statistics.
         ctx.save_for_backward(weight, bias, key_valid, query_valid, *maps, *saved)
         ctx.backend = backend
         ctx.meta = (normalize, reduction, n_student, len(maps))
-        ctx.denom = denom
-        return kl.sum() / denom
+        return problem.reduce(kl)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -42,7 +40,7 @@ class FusedA2DKL(torch.autograd.Function):
             weight=weight, bias=bias, key_valid=key_valid, query_valid=query_valid,
             normalize=normalize, reduction=reduction,
         )
-        grad_scale = (grad_loss.to(torch.float32) / ctx.denom).reshape(())
+        grad_scale = problem.grad_scale(grad_loss)
         need_student = any(ctx.needs_input_grad[8:8 + n_student])
         d_student, d_weight, d_bias = ctx.backend.backward(problem, saved, grad_scale, need_student)
         n_teacher = n_maps - n_student

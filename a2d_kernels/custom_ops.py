@@ -154,8 +154,7 @@ def a2d_kl_fwd(
 ) -> Tuple[Tensor, List[Tensor]]:
     problem = _problem(student, teacher, weight, bias, key_valid, query_valid, normalize, reduction)
     kl, saved = _kernels(backend).forward(problem)
-    loss = kl.sum(dtype=reference.compute_dtype(problem)) / problem.reduction_denominator()
-    return loss, [t.contiguous() for t in saved]
+    return problem.reduce(kl), [t.contiguous() for t in saved]
 
 
 @a2d_kl_fwd.register_fake
@@ -184,9 +183,8 @@ def a2d_kl_bwd(
     need_student_grad: bool,
 ) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
     problem = _problem(student, teacher, weight, bias, key_valid, query_valid, normalize, reduction)
-    # The gradient of the loss with respect to every KL term, read on the device.
-    grad_scale = (grad_loss.to(torch.float32) / problem.reduction_denominator()).reshape(())
-    d_student, d_weight, d_bias = _kernels(backend).backward(problem, tuple(saved), grad_scale, need_student_grad)
+    d_student, d_weight, d_bias = _kernels(backend).backward(
+        problem, tuple(saved), problem.grad_scale(grad_loss), need_student_grad)
     d_student = [_layout_like(d, s) for d, s in zip(d_student, student)] if need_student_grad else []
     d_bias = [] if d_bias is None else [_layout_like(d_bias, bias)]
     return d_student, _layout_like(d_weight, weight), d_bias

@@ -91,6 +91,16 @@ class A2DProblem:
         rows = self.query_valid.sum(dtype=torch.float32) * self.teacher_channels
         return rows.clamp_min(1.0)
 
+    def reduce(self, kl: torch.Tensor) -> torch.Tensor:
+        """The 0-dim loss from the (B, Ct) summed KL per map: the one place the
+        reduction is applied, for every backend and mode."""
+        return kl.sum() / self.reduction_denominator()
+
+    def grad_scale(self, grad_loss: torch.Tensor) -> torch.Tensor:
+        """d loss / d (every KL term): the upstream gradient over the denominator, as
+        the 0-dim fp32 device tensor the kernels read (never ``.item()``)."""
+        return (grad_loss.to(torch.float32) / self.reduction_denominator()).reshape(())
+
 
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"

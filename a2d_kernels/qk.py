@@ -290,17 +290,15 @@ class QKA2DKL(torch.autograd.Function):
         kl, saved = kernels.forward(problem)
         ctx.save_for_backward(student_q, student_k, teacher_q, teacher_k, weight, bias, *saved)
         ctx.kernels, ctx.problem = kernels, problem.with_tensors(None, None, None, None, None, None)
-        ctx.denom = problem.maps.reduction_denominator()
-        return kl.sum() / ctx.denom
+        return problem.maps.reduce(kl)
 
     @staticmethod
     def backward(ctx, grad_loss):
         sq, sk, tq, tk, weight, bias, *saved = ctx.saved_tensors
         problem = ctx.problem.with_tensors(sq, sk, tq, tk, weight, bias)
-        # Per-KL-term gradient, read on the device by the kernels (no host sync).
-        grad_scale = (grad_loss.to(torch.float32) / ctx.denom).reshape(())
         need_qk = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        dq, dk, dweight, dbias = ctx.kernels.backward(problem, tuple(saved), grad_scale, need_qk)
+        dq, dk, dweight, dbias = ctx.kernels.backward(problem, tuple(saved), problem.maps.grad_scale(grad_loss),
+                                                      need_qk)
         return None, None, dq, dk, None, None, dweight, dbias
 
 
@@ -335,7 +333,7 @@ def a2d_kl_qk_fwd(student_q: Tensor, student_k: Tensor, teacher_q: Tensor, teach
     problem = _repack(student_q, student_k, teacher_q, teacher_k, weight, bias, key_valid, query_valid,
                       student_scale, teacher_scale, causal, normalize, reduction)
     kl, saved = _triton_kernels().forward(problem)
-    return kl.sum() / problem.maps.reduction_denominator(), [t.contiguous() for t in saved]
+    return problem.maps.reduce(kl), [t.contiguous() for t in saved]
 
 
 @a2d_kl_qk_fwd.register_fake
@@ -360,8 +358,8 @@ def a2d_kl_qk_bwd(grad_loss: Tensor, student_q: Tensor, student_k: Tensor, teach
     """([dQ, dK] or [], dweight, [dbias] or []) of the Triton QK kernels."""
     problem = _repack(student_q, student_k, teacher_q, teacher_k, weight, bias, key_valid, query_valid,
                       student_scale, teacher_scale, causal, normalize, reduction)
-    grad_scale = (grad_loss.to(torch.float32) / problem.maps.reduction_denominator()).reshape(())
-    dq, dk, dweight, dbias = _triton_kernels().backward(problem, tuple(saved), grad_scale, need_qk)
+    dq, dk, dweight, dbias = _triton_kernels().backward(problem, tuple(saved), problem.maps.grad_scale(grad_loss),
+                                                        need_qk)
     d_qk = [_layout_like(dq, student_q), _layout_like(dk, student_k)] if need_qk else []
     return d_qk, _layout_like(dweight, weight), [] if dbias is None else [_layout_like(dbias, bias)]
 

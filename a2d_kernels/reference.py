@@ -87,5 +87,4 @@ def _kl_per_map(problem: A2DProblem) -> torch.Tensor:
 
 def a2d_kl_reference(problem: A2DProblem) -> torch.Tensor:
     """The reduced A2D loss of ``problem`` (0-dim), differentiable by autograd."""
-    kl = kl_per_map(problem)
-    return kl.sum() / problem.reduction_denominator()
+    return problem.reduce(kl_per_map(problem))
