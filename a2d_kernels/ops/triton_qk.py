@@ -87,20 +87,11 @@ def _scores(q, k, DOT_FP32: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK: tl.constexpr):
-    """(BK,) bool: key exists and is not padding."""
-    ok = k < K
-    if HAS_KEY_MASK:
-        ok = ok & (tl.load(key_valid_ptr + b * stride_kv_b + k, mask=k < K, other=0) != 0)
-    return ok
-
-
-@triton.jit
-def _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK: tl.constexpr):
-    """(BT,) bool: query exists and is not padding."""
-    ok = t < T
-    if HAS_QUERY_MASK:
-        ok = ok & (tl.load(query_valid_ptr + b * stride_qv_b + t, mask=t < T, other=0) != 0)
+def _position_ok(b, i, valid_ptr, stride_b, n, HAS_MASK: tl.constexpr):
+    """Bool per index i (keys or queries): it exists (< n) and is not padding."""
+    ok = i < n
+    if HAS_MASK:
+        ok = ok & (tl.load(valid_ptr + b * stride_b + i, mask=i < n, other=0) != 0)
     return ok
 
 
@@ -198,7 +189,7 @@ def _row_lse_kernel(
     for k0 in range(0, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kt = _load_heads(k_ptr, b, c, k, stride_k_b, stride_k_c, stride_k_k, stride_k_d, C, K, D, BLOCK_D, DOT_FP32)
-        vis = _visible(t, k, _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK), T, CAUSAL)
+        vis = _visible(t, k, _position_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK), T, CAUSAL)
         x = tl.where(vis[None, :, :], _scores(q, kt, DOT_FP32, F32_DOT) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=2))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, :, None]), axis=2)
@@ -259,7 +250,7 @@ def _forward_stats_kernel(
     bias = tl.zeros((CT_BLOCK,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + ct, mask=ct < Ct, other=0.0).to(tl.float32)
-    query_ok = _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
+    query_ok = _position_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
     sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds,
                      BLOCK_DS, DOT_FP32)
     tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt,
@@ -287,7 +278,7 @@ def _forward_stats_kernel(
         k_end, n_hidden = _causal_keys(b, tl.program_id(1), key_suffix_ptr, K, HAS_KEY_MASK, BLOCK_T, BLOCK_K)
     for k0 in range(0, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        key_ok = _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
+        key_ok = _position_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
         vis = _visible(t, k, key_ok, T, CAUSAL)
         in_loss = (query_ok[:, None] & key_ok[None, :])[None, :, :]
 
@@ -478,7 +469,7 @@ def _backward_kernel(
 
     if STAGE < 2:  # query-block major: walk the key blocks
         t = blk * BLOCK_T + tl.arange(0, BLOCK_T)
-        query_ok = _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
+        query_ok = _position_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
         sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds,
                          BLOCK_DS, DOT_FP32)
         tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt,
@@ -500,7 +491,7 @@ def _backward_kernel(
                 k_end = tl.minimum(K, (blk + 1) * BLOCK_T)
         for k0 in range(0, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            key_ok = _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
+            key_ok = _position_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
             sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds,
                              BLOCK_DS, DOT_FP32)
             tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt,
@@ -539,7 +530,7 @@ def _backward_kernel(
             tl.store(ptrs, dq * scale_s, mask=mask)
     else:  # key-block major: walk the query blocks
         k = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-        key_ok = _key_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
+        key_ok = _position_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
         sk = _load_heads(sk_ptr, b, cs, k, stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d, Cs, K, Ds,
                          BLOCK_DS, DOT_FP32)
         tk = _load_heads(tk_ptr, b, ct, k, stride_tk_b, stride_tk_c, stride_tk_k, stride_tk_d, Ct, K, Dt,
@@ -550,7 +541,7 @@ def _backward_kernel(
             t_start = (blk * BLOCK_K // BLOCK_T) * BLOCK_T
         for t0 in range(t_start, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            query_ok = _query_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
+            query_ok = _position_ok(b, t, query_valid_ptr, stride_qv_b, T, HAS_QUERY_MASK)
             sq = _load_heads(sq_ptr, b, cs, t, stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d, Cs, T, Ds,
                              BLOCK_DS, DOT_FP32)
             tq = _load_heads(tq_ptr, b, ct, t, stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d, Ct, T, Dt,
