@@ -180,7 +180,8 @@ def run(cfg: argparse.Namespace, out_dir: Path) -> dict:
                         continue
                     for phase in phases:
                         rec = {**base, "contender": c.name, "phase": phase,
-                               "floor_bytes": cases.floor_bytes(shape, dtype, phase)}
+                               "floor_bytes": cases.floor_bytes(shape, dtype, phase),
+                               "gradient_bytes": cases.gradient_bytes(shape, dtype, phase)}
                         rec.update(measure_phase(loss_fn, inputs, device, phase, cfg))
                         records.append(rec)
                         if not cfg.quiet:

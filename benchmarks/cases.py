@@ -106,6 +106,18 @@ def floor_bytes(shape: Shape, dtype: torch.dtype, phase: str) -> int:
     raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
 
+def gradient_bytes(shape: Shape, dtype: torch.dtype, phase: str) -> int:
+    """Bytes of the gradients a phase must hand back, whatever the method: dS in the
+    maps' dtype plus dweight and dbias in fp32; none for a forward. They count in every
+    contender's peak extra memory; subtracting them leaves each method's workspace."""
+    if phase == "forward":
+        return 0
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    e = torch.empty((), dtype=dtype).element_size()
+    return shape.Cs * shape.elements * e + (shape.Ct * shape.Cs + shape.Ct) * 4
+
+
 def input_bytes(shape: Shape, dtype: torch.dtype) -> int:
     """Bytes of one input set (S and A; the mixer's parameters are negligible)."""
     e = torch.empty((), dtype=dtype).element_size()

@@ -111,6 +111,16 @@ def test_floor_bytes_follow_the_design_formula():
         cases.floor_bytes(s, torch.float32, "sideways")
 
 
+def test_gradient_bytes_are_what_the_reference_backward_returns():
+    s = cases.Shape("g", B=2, T=3, K=5, Cs=4, Ct=8)
+    x = cases.make_inputs(s, torch.bfloat16, "cpu", seed=1)
+    contenders.CONTENDERS["eager"].build("map")(x).backward()
+    returned = sum(t.grad.numel() * t.grad.element_size() for t in x.leaves())
+    for phase in ("backward", "forward+backward"):
+        assert cases.gradient_bytes(s, torch.bfloat16, phase) == returned
+    assert cases.gradient_bytes(s, torch.bfloat16, "forward") == 0
+
+
 def test_full_plan_has_the_issue_shapes_and_a_fixed_token_sweep():
     plan = cases.full_plan()
     assert [s.name for s in plan[:3]] == ["iwslt", "wmt", "long"]
@@ -134,21 +144,24 @@ def test_derive_and_targets():
     shape = TINY.to_dict()
     base = {"shape": shape, "mode": "map", "dtype": "fp32", "phase": "forward+backward", "status": "ok",
             "p20_ms": 0, "p80_ms": 0, "floor_bytes": 1_000_000}
-    recs = [dict(base, contender="eager", median_ms=10.0, peak_extra_bytes=1000),
-            dict(base, contender="compiled", median_ms=4.0, peak_extra_bytes=500),
-            dict(base, contender="triton", median_ms=1.0, peak_extra_bytes=40),
+    recs = [dict(base, contender="eager", median_ms=10.0, peak_extra_bytes=1000, gradient_bytes=200),
+            dict(base, contender="compiled", median_ms=4.0, peak_extra_bytes=500, gradient_bytes=200),
+            dict(base, contender="triton", median_ms=1.0, peak_extra_bytes=240, gradient_bytes=200),
             dict(base, contender="cuda", status="oom")]
     out = {r["contender"]: r for r in report.derive(recs, copy_bytes_per_s=2e9)}
     t = out["triton"]
     assert t["x_eager"] == pytest.approx(10.0) and t["x_compiled"] == pytest.approx(4.0)
     assert t["achieved_gbps"] == pytest.approx(1.0)  # 1 MB in 1 ms
     assert t["floor_ms"] == pytest.approx(0.5) and t["x_floor"] == pytest.approx(2.0)
-    assert t["memory_vs_eager"] == pytest.approx(0.04)
+    assert t["memory_vs_eager"] == pytest.approx(0.24)
+    assert t["workspace_vs_eager"] == pytest.approx(0.05)  # (240 - 200) / (1000 - 200)
     assert "x_eager" not in out["cuda"]
     lines = report.target_lines(list(out.values()), shapes=["tiny"])
     assert "triton: speedup vs eager: worst 10.000x over 1 configs (target >= 8x) MET" in lines
     assert any(line.startswith("triton: time / byte floor") and line.endswith("MISSED") for line in lines)
-    assert any(line.startswith("triton: extra peak memory") and line.endswith("MET") for line in lines)
+    assert any(line.startswith("triton: extra peak memory /") and line.endswith("MISSED") for line in lines)
+    assert any(line.startswith("triton: extra peak memory beyond the gradients") and line.endswith("MET")
+               for line in lines)
     assert "cuda: no successful forward+backward run (oom)" in lines
     assert "| tiny | map | fp32 |" in report.compact_summary(list(out.values()))
 
