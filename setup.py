@@ -6,6 +6,8 @@ Environment:
                    when nvcc is found, otherwise print one line and install without it.
   A2D_CUDA_ARCHS   target GPUs, TORCH_CUDA_ARCH_LIST style: "8.0;8.6;8.9;9.0+PTX"
                    (the default), "90", "sm_90a", ... ("+PTX" also embeds PTX for newer GPUs).
+                   Unset: TORCH_CUDA_ARCH_LIST is used when set (what PyTorch extension
+                   builds read), else the default.
   CUDA_HOME / CUDA_PATH   toolkit location (else nvcc on PATH, else /usr/local/cuda).
   MAX_JOBS         parallel compile jobs (default: CPU count); NVCC_THREADS: nvcc --threads.
 
@@ -81,8 +83,18 @@ def cuda_library_dir(nvcc):
     raise RuntimeError(f"libcudart_static.a not found next to {nvcc}")
 
 
-def parse_archs(spec):
-    """'8.0;8.6;9.0+PTX' / '80 86 90' / 'sm_90a' -> nvcc -gencode flags."""
+def target_archs(environ=os.environ):
+    """(arch list, the variable it came from): A2D_CUDA_ARCHS, else TORCH_CUDA_ARCH_LIST,
+    else the default."""
+    for var in ("A2D_CUDA_ARCHS", "TORCH_CUDA_ARCH_LIST"):
+        if environ.get(var, "").strip():
+            return environ[var], var
+    return DEFAULT_ARCHS, "the default arch list"
+
+
+def parse_archs(spec, source="A2D_CUDA_ARCHS"):
+    """'8.0;8.6;9.0+PTX' / '80 86 90' / 'sm_90a' -> nvcc -gencode flags. ``source``
+    names the variable the list came from, for the error message."""
     flags = []
     for token in re.split(r"[;,\s]+", spec.strip()):
         if not token:
@@ -91,12 +103,13 @@ def parse_archs(spec):
         name = token[:-4] if ptx else token
         name = re.sub(r"^(sm_|compute_)", "", name).replace(".", "")
         if not re.fullmatch(r"\d{2,3}[af]?", name):
-            raise SystemExit(f"A2D_CUDA_ARCHS: cannot read {token!r}; use e.g. '8.0;8.6;9.0+PTX'")
+            raise SystemExit(f"{source}: cannot read {token!r} (in {spec!r}); use numeric arches, "
+                             "e.g. '8.0;8.6;9.0+PTX'")
         flags.append(f"-gencode=arch=compute_{name},code=sm_{name}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{name},code=compute_{name}")
     if not flags:
-        raise SystemExit("A2D_CUDA_ARCHS is empty")
+        raise SystemExit(f"{source} is empty")
     return flags
 
 
@@ -134,8 +147,8 @@ class BuildCudaExt(build_ext):
             raise RuntimeError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
         import pybind11  # a build requirement (pyproject.toml); imported only when building
 
-        archs = os.environ.get("A2D_CUDA_ARCHS", DEFAULT_ARCHS)
-        gencode = parse_archs(archs)
+        archs, source = target_archs()
+        gencode = parse_archs(archs, source)
         defines = [f'-DA2D_CUDA_ARCHS="{archs}"']
         objects = self._compile_cuda(nvcc, gencode)
         ext.extra_objects = list(ext.extra_objects or []) + objects

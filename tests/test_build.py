@@ -66,6 +66,16 @@ def test_arch_list_parsing():
         "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_86,code=sm_86"]
     with pytest.raises(SystemExit, match="A2D_CUDA_ARCHS"):
         setup_py.parse_archs("volta")
+    with pytest.raises(SystemExit, match="TORCH_CUDA_ARCH_LIST: cannot read 'Ampere'"):
+        setup_py.parse_archs("8.0;Ampere", "TORCH_CUDA_ARCH_LIST")
+
+
+def test_arch_list_comes_from_a2d_then_torch_variable_then_default():
+    assert setup_py.target_archs({}) == (setup_py.DEFAULT_ARCHS, "the default arch list")
+    assert setup_py.target_archs({"TORCH_CUDA_ARCH_LIST": "9.0"}) == ("9.0", "TORCH_CUDA_ARCH_LIST")
+    both = {"TORCH_CUDA_ARCH_LIST": "9.0", "A2D_CUDA_ARCHS": "8.0"}
+    assert setup_py.target_archs(both) == ("8.0", "A2D_CUDA_ARCHS")
+    assert setup_py.target_archs({"A2D_CUDA_ARCHS": " ", "TORCH_CUDA_ARCH_LIST": "8.6"})[0] == "8.6"
 
 
 def test_install_without_nvcc_skips_the_extension(tmp_path, monkeypatch):
