@@ -20,14 +20,15 @@ Forward (nothing of size T*K is written):
 Backward, flash-attention style (dZ -> dS -> through the softmax -> dQ, dK), three
 launches of ``_backward_kernel`` that recompute S, A, Z and dZ tile by tile:
   STAGE 0: r = sum_k dS * S per student head and row, plus per-block partials of
-     dweight and dbias (this pass alone runs when only the AAM needs gradients).
+     dweight (this pass alone runs when only the AAM needs gradients). dbias is 0
+     exactly (the loss ignores a per-channel shift of Z) and not computed.
   STAGE 1 (query-block major) and STAGE 2 (key-block major): dlogits = S * (dS - r);
      dQ = scale * dlogits K, dK = scale * dlogits^T Q.
 A fused dK + dQ pass (FlashAttention-2 style) would need atomics for dQ; avoided here
 for determinism (a candidate flag once timed on a GPU).
 
 Causal: query blocks skip key blocks they cannot see. Where the loss still needs those
-entries (S = A = 0, Z = bias: the forward statistics and dbias), they are added in
+entries (S = A = 0, Z = bias: the forward statistics), they are added in
 closed form from a count of non-padded hidden keys, so a causal map costs about half.
 
 Determinism: no atomics anywhere. Every cross-program reduction (teacher-channel
@@ -435,7 +436,7 @@ def _tile_grads(
 def _backward_kernel(
     sq_ptr, sk_ptr, tq_ptr, tk_ptr, lse_s_ptr, lse_t_ptr, w_ptr, bias_ptr,
     key_valid_ptr, query_valid_ptr, key_suffix_ptr, shift_ptr, grad_scale_ptr,
-    rowsum_ptr, dw_ptr, db_ptr, dqk_ptr,
+    rowsum_ptr, dw_ptr, dqk_ptr,
     stride_sq_b, stride_sq_c, stride_sq_t, stride_sq_d,
     stride_sk_b, stride_sk_c, stride_sk_k, stride_sk_d,
     stride_tq_b, stride_tq_c, stride_tq_t, stride_tq_d,
@@ -451,7 +452,8 @@ def _backward_kernel(
     """The three backward passes; STAGE picks one (they share every tile computation).
 
     STAGE 0 (grid B x query blocks x Ct blocks): r = sum_k dS * S -> rowsum (nCtb, B, Cs, T);
-        dweight, dbias partials -> dw (B, nT, Ct, Cs), db (B, nT, Ct).
+        dweight partials -> dw (B, nT, Ct, Cs). (No dbias: the loss is invariant to a
+        per-channel shift of Z in both modes, so dbias is exactly 0.)
     STAGE 1 (same grid): dQ partial -> dqk (nCtb, B, Cs, T, Ds), fp32, scale applied.
     STAGE 2 (grid B x key blocks x Ct blocks): dK partial -> dqk (nCtb, B, Cs, K, Ds).
     """
@@ -479,10 +481,9 @@ def _backward_kernel(
         if STAGE == 0:
             rowsum = tl.zeros((CS_PAD, BLOCK_T), tl.float32)
             dw = tl.zeros((CT_BLOCK, CS_PAD), tl.float32)
-            db = tl.zeros((CT_BLOCK,), tl.float32)
             k_end = K
-            if CAUSAL:  # hidden key blocks only feed dbias: added in closed form below
-                k_end, n_hidden = _causal_keys(b, blk, key_suffix_ptr, K, HAS_KEY_MASK, BLOCK_T, BLOCK_K)
+            if CAUSAL:  # S = 0 in the hidden key blocks: no rowsum or dweight there
+                k_end, _ = _causal_keys(b, blk, key_suffix_ptr, K, HAS_KEY_MASK, BLOCK_T, BLOCK_K)
         else:
             rowsum = tl.load(rs_ptrs, mask=rs_mask, other=0.0)
             dq = tl.zeros((CS_PAD, BLOCK_T, BLOCK_DS), tl.float32)
@@ -503,7 +504,6 @@ def _backward_kernel(
                 rowsum += tl.sum(dS * S, axis=2)
                 dw += tl.dot(tl.reshape(dZ, (CT_BLOCK, BLOCK_T * BLOCK_K)),
                              tl.trans(tl.reshape(S, (CS_PAD, BLOCK_T * BLOCK_K))), input_precision="ieee")
-                db += tl.sum(tl.sum(dZ, axis=2), axis=1)
             else:
                 dlogits = S * (dS - rowsum[:, :, None])
                 if DOT_FP32:
@@ -511,17 +511,10 @@ def _backward_kernel(
                 else:
                     dq += tl.dot(dlogits.to(sk.dtype), sk)
         if STAGE == 0:
-            if CAUSAL:  # dZ at the hidden entries (Z = bias, A = 0), as a one-key tile
-                z_hidden = tl.zeros((CT_BLOCK, BLOCK_T, 1), tl.float32) + bias[:, None, None]
-                a_hidden = tl.zeros((CT_BLOCK, BLOCK_T, 1), tl.float32)
-                dz_hidden = _grad_z(z_hidden, a_hidden, query_ok[None, :, None], shift_ptr, b, ct, t,
-                                    grad_scale, Ct, T, MAP_MODE)
-                db += n_hidden * tl.sum(tl.sum(dz_hidden, axis=2), axis=1)
             tl.store(rs_ptrs, rowsum, mask=rs_mask)
             nT = tl.num_programs(1)
             w_ptrs = dw_ptr + ((b * nT + blk) * Ct + ct[:, None]) * Cs + cs[None, :]
             tl.store(w_ptrs, dw, mask=(ct < Ct)[:, None] & (cs < Cs)[None, :])
-            tl.store(db_ptr + (b * nT + blk) * Ct + ct, db, mask=ct < Ct)
         else:
             d = tl.arange(0, BLOCK_DS)
             ptrs = (dqk_ptr + ((ctb * tl.num_programs(0) + b) * Cs + cs[:, None, None]) * T * Ds
@@ -758,22 +751,22 @@ def backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
 
     rowsum = torch.empty(nCtb, B, Cs, T, dtype=f32, device=dev)
     dw = torch.empty(B, nT, Ct, Cs, dtype=f32, device=dev)
-    db = torch.empty(B, nT, Ct, dtype=f32, device=dev)
     args = (*_common_args(problem, lse_s, lse_t, key_valid, query_valid, key_suffix), shifts,
             grad_scale.to(device=dev, dtype=f32).reshape(1))
     strides = _common_strides(problem, stride_kv, stride_qv)
     meta = _common_meta(problem, tiles)
 
-    _backward_kernel[(B, nT, nCtb)](*args, rowsum, dw, db, dw, *strides, STAGE=0, **meta)
+    _backward_kernel[(B, nT, nCtb)](*args, rowsum, dw, dw, *strides, STAGE=0, **meta)
     d_weight = dw.sum(dim=(0, 1)).to(problem.weight.dtype)
-    d_bias = db.sum(dim=(0, 1)).to(problem.bias.dtype) if problem.bias is not None else None
+    # The loss is invariant to a per-channel shift of Z in both modes: dbias == 0.
+    d_bias = None if problem.bias is None else torch.zeros_like(problem.bias)
     if not need_qk:
         return None, None, d_weight, d_bias
 
     dq = torch.empty(nCtb, B, Cs, T, Ds, dtype=f32, device=dev)
-    _backward_kernel[(B, nT, nCtb)](*args, rowsum, dw, db, dq, *strides, STAGE=1, **meta)
+    _backward_kernel[(B, nT, nCtb)](*args, rowsum, dw, dq, *strides, STAGE=1, **meta)
     dk = torch.empty(nCtb, B, Cs, K, Ds, dtype=f32, device=dev)
-    _backward_kernel[(B, nK, nCtb)](*args, rowsum, dw, db, dk, *strides, STAGE=2, **meta)
+    _backward_kernel[(B, nK, nCtb)](*args, rowsum, dw, dk, *strides, STAGE=2, **meta)
     return dq.sum(0).to(sq.dtype), dk.sum(0).to(sk.dtype), d_weight, d_bias
 
 
