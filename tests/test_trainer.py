@@ -322,6 +322,32 @@ def test_resume_continues_exactly(toy, tmp_path):
     assert (tmp_path / "split" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a2d_decay_clock_per_updates(toy, tmp_path):
+    """--a2d-decay-every N: the attention weight is beta * decay**floor(step / N) per
+    update (logged as a2d_weight), and the weighted term the loss adds is that weight
+    times the unweighted parts (encoder + half of each decoder kind). Default: per epoch."""
+    from a2d_trainer.train import decay_epoch, train
+
+    assert [decay_epoch(3, s, 0) for s in (0, 7)] == [3, 3]  # per epoch (release)
+    assert [decay_epoch(1, s, 2.5) for s in (0, 2, 3, 5, 7)] == [1, 1, 2, 3, 3]
+    kw = dict(preset="micro-student", kd="a2d", teacher=str(toy["teacher"]), a2d_backend="reference",
+              beta=0.8, decay=0.5, a2d_decay_every=2)
+    train(train_config(toy["data"], tmp_path / "clock", max_steps=5, **kw))
+    logs = [json.loads(line) for line in (tmp_path / "clock" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in logs if r["kind"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    for r in steps:
+        weight = 0.8 * 0.5 ** ((r["step"] - 1) // 2)
+        assert r["a2d_weight"] == pytest.approx(weight)
+        unweighted = r["attn_encoder"] + 0.5 * (r["attn_decoder_self"] + r["attn_decoder_cross"])
+        assert r["attn"] == pytest.approx(weight * unweighted, rel=1e-5)
+    with pytest.raises(ValueError, match="a2d_decay_every must be >= 0"):
+        train_config(toy["data"], tmp_path / "bad", max_steps=1, **dict(kw, a2d_decay_every=-1)).validate()
+    with pytest.raises(ValueError, match="a2d_decay_every .* needs kd='a2d'"):
+        train_config(toy["data"], tmp_path / "bad", max_steps=1, kd="word", teacher=str(toy["teacher"]),
+                     a2d_decay_every=3).validate()
+
+
 def test_teacher_that_does_not_match_the_preset_is_a_clear_error(toy, tmp_path):
     from a2d_trainer.train import train
 
@@ -456,7 +482,7 @@ def test_demo_pipeline_runs_on_a_prebuilt_corpus(tmp_path, capsys):
     assert list(results) == ["teacher", "student_none", "student_word", "student_a2d"]
     assert results["student_none"]["updates"] <= results["student_a2d"]["updates"]
     out = capsys.readouterr().out
-    assert "reusing" in out and "| student, word-KD + A2D |" in out
+    assert "reusing" in out and "| student, word-KD + A2D (scaled schedule) |" in out
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["results"]["teacher"]["sentences"] == 3
     assert (tmp_path / "run" / "student_a2d" / "test_hypotheses.txt").is_file()

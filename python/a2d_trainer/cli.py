@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="word-KD weight")
     p.add_argument("--beta", type=float, default=1.0, help="attention-loss weight")
     p.add_argument("--decay", type=float, default=0.9, help="attention-loss decay per epoch")
+    p.add_argument("--a2d-decay-every", type=float, default=0.0, metavar="N",
+                   help="apply --decay once per N updates instead of per epoch (0: per epoch, as released); "
+                        "N = planned updates / 100 follows the release's 100-epoch schedule in a short run")
     p.add_argument("--no-decoder-self", action="store_true", help="do not distill decoder self-attention")
     p.add_argument("--no-decoder-cross", action="store_true", help="do not distill decoder cross-attention")
     p.add_argument("--a2d-mask", action="store_true", help="exclude padding from the A2D loss")
@@ -147,7 +150,8 @@ def run(args) -> int:
         extra = {"kd": "none"}
         if args.command == "distill":
             extra = dict(kd=args.kd, teacher=args.teacher, teacher_preset=args.teacher_preset, alpha=args.alpha,
-                         beta=args.beta, decay=args.decay, decoder_self=not args.no_decoder_self,
+                         beta=args.beta, decay=args.decay, a2d_decay_every=args.a2d_decay_every,
+                         decoder_self=not args.no_decoder_self,
                          decoder_cross=not args.no_decoder_cross, a2d_mask=args.a2d_mask,
                          a2d_normalize=args.a2d_normalize, a2d_backend=args.a2d_backend, a2d_qk=args.a2d_qk)
         summary = train(_training_config(args, **extra))
