@@ -12,8 +12,8 @@
 #
 # Each NAME==VERSION is fetched without its dependencies (name the missing ones too;
 # `unzip -p .whl/NAME-*.whl '*/METADATA' | grep ^Requires-Dist` lists them) for
-# CPython 3.12 on manylinux x86_64, the GPU image's Python. .whl/ is kept out of git
-# through .git/info/exclude, so it travels only when `carry` names it (64 MiB per call,
+# CPython 3.12 on manylinux x86_64, the GPU image's Python. .whl/ is git-ignored
+# (.gitignore), so it travels only when `carry` names it (64 MiB per call,
 # the working tree included). Keep one version of each package: two stop the install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,9 +21,7 @@ if [ "$#" -eq 0 ]; then
   echo "usage: bash scripts/fetch_wheels.sh NAME==VERSION [NAME==VERSION ...]" >&2
   exit 2
 fi
-exclude="$(git rev-parse --git-path info/exclude)"
-mkdir -p "$(dirname "$exclude")" .whl
-grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
+mkdir -p .whl
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
          manylinux2014_x86_64 manylinux1_x86_64 linux_x86_64 any; do

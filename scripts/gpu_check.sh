@@ -27,8 +27,8 @@
 # Nothing is downloaded and nothing is pip-installed: the package runs from this
 # checkout (PYTHONPATH), the extension is built in place with the image's nvcc,
 # pybind11 and ninja (listed in /work/.library/device/KINDS.md). Should a Python
-# package be missing there, fetch its wheel here into .whl/ (git-ignored through
-# .git/info/exclude, see scripts/fetch_wheels.sh) and add carry=[".whl"]: it is then
+# package be missing there, fetch its wheel here into .whl/ (git-ignored, see
+# scripts/fetch_wheels.sh) and add carry=[".whl"]: it is then
 # installed with --no-index --no-deps into /tmp/a2d_site first.
 #
 # Elsewhere: `OUT=some/dir bash scripts/gpu_check.sh` (full results under a work
