@@ -80,11 +80,29 @@ def _load_heads(ptr, b, c, rows, stride_b, stride_c, stride_r, stride_d, C, R, D
 
 
 @triton.jit
+def _head_dot(x, y, DOT_FP32: tl.constexpr, F32_DOT: tl.constexpr):
+    """Batched x (C, M, N) . y (C, N, P) -> (C, M, P) fp32 for all heads at once: fp32
+    operands at the F32_DOT precision, else x cast to y's (input) dtype."""
+    if DOT_FP32:
+        return tl.dot(x, y, input_precision=F32_DOT)
+    return tl.dot(x.to(y.dtype), y)
+
+
+@triton.jit
 def _scores(q, k, DOT_FP32: tl.constexpr, F32_DOT: tl.constexpr):
     """q (C, BT, D) . k (C, BK, D) -> (C, BT, BK) fp32, one batched dot for all heads."""
-    if DOT_FP32:
-        return tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=F32_DOT)
-    return tl.dot(q, tl.trans(k, (0, 2, 1)))
+    return _head_dot(q, tl.trans(k, (0, 2, 1)), DOT_FP32, F32_DOT)
+
+
+@triton.jit
+def _store_head_grad(dqk_ptr, ctb, b, cs, rows, R, Cs, Ds, grad, scale, BLOCK_DS: tl.constexpr):
+    """``scale * grad`` (CS_PAD, rows, BLOCK_DS) into this teacher-channel block's
+    partial dQ or dK buffer (nCtb, B, Cs, R, Ds)."""
+    d = tl.arange(0, BLOCK_DS)
+    ptrs = (dqk_ptr + ((ctb * tl.num_programs(0) + b) * Cs + cs[:, None, None]) * R * Ds
+            + rows[None, :, None] * Ds + d[None, None, :])
+    mask = (cs < Cs)[:, None, None] & (rows < R)[None, :, None] & (d < Ds)[None, None, :]
+    tl.store(ptrs, grad * scale, mask=mask)
 
 
 @triton.jit
@@ -505,22 +523,14 @@ def _backward_kernel(
                 dw += tl.dot(tl.reshape(dZ, (CT_BLOCK, BLOCK_T * BLOCK_K)),
                              tl.trans(tl.reshape(S, (CS_PAD, BLOCK_T * BLOCK_K))), input_precision="ieee")
             else:
-                dlogits = S * (dS - rowsum[:, :, None])
-                if DOT_FP32:
-                    dq += tl.dot(dlogits, sk, input_precision=F32_DOT)
-                else:
-                    dq += tl.dot(dlogits.to(sk.dtype), sk)
+                dq += _head_dot(S * (dS - rowsum[:, :, None]), sk, DOT_FP32, F32_DOT)
         if STAGE == 0:
             tl.store(rs_ptrs, rowsum, mask=rs_mask)
             nT = tl.num_programs(1)
             w_ptrs = dw_ptr + ((b * nT + blk) * Ct + ct[:, None]) * Cs + cs[None, :]
             tl.store(w_ptrs, dw, mask=(ct < Ct)[:, None] & (cs < Cs)[None, :])
         else:
-            d = tl.arange(0, BLOCK_DS)
-            ptrs = (dqk_ptr + ((ctb * tl.num_programs(0) + b) * Cs + cs[:, None, None]) * T * Ds
-                    + t[None, :, None] * Ds + d[None, None, :])
-            mask = (cs < Cs)[:, None, None] & (t < T)[None, :, None] & (d < Ds)[None, None, :]
-            tl.store(ptrs, dq * scale_s, mask=mask)
+            _store_head_grad(dqk_ptr, ctb, b, cs, t, T, Cs, Ds, dq, scale_s, BLOCK_DS)
     else:  # key-block major: walk the query blocks
         k = blk * BLOCK_K + tl.arange(0, BLOCK_K)
         key_ok = _position_ok(b, k, key_valid_ptr, stride_kv_b, K, HAS_KEY_MASK)
@@ -544,16 +554,8 @@ def _backward_kernel(
                                     MAP_MODE, CAUSAL, DOT_FP32, F32_DOT, BLOCK_T, BLOCK_K, CS_PAD, CT_BLOCK)
             rowsum = tl.load(rowsum_base + cs[:, None] * T + t[None, :],
                              mask=(cs < Cs)[:, None] & (t < T)[None, :], other=0.0)
-            dlogits = tl.trans(S * (dS - rowsum[:, :, None]), (0, 2, 1))
-            if DOT_FP32:
-                dk += tl.dot(dlogits, sq, input_precision=F32_DOT)
-            else:
-                dk += tl.dot(dlogits.to(sq.dtype), sq)
-        d = tl.arange(0, BLOCK_DS)
-        ptrs = (dqk_ptr + ((ctb * tl.num_programs(0) + b) * Cs + cs[:, None, None]) * K * Ds
-                + k[None, :, None] * Ds + d[None, None, :])
-        mask = (cs < Cs)[:, None, None] & (k < K)[None, :, None] & (d < Ds)[None, None, :]
-        tl.store(ptrs, dk * scale_s, mask=mask)
+            dk += _head_dot(tl.trans(S * (dS - rowsum[:, :, None]), (0, 2, 1)), sq, DOT_FP32, F32_DOT)
+        _store_head_grad(dqk_ptr, ctb, b, cs, k, K, Cs, Ds, dk, scale_s, BLOCK_DS)
 
 
 # ------------------------------------------------------------------------ host
