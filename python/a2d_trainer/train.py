@@ -568,8 +568,8 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
         bar = _progress(len(starts), epoch, enabled=cfg.progress and ctx.is_main)
         for first in starts:
             group = batches[first:first + cfg.update_freq]
-            stats = _update(ddp, module, teacher, objective, group, optimizer, scheduler, ctx, cfg,
-                            decay_epoch(epoch, step, cfg.a2d_decay_every))
+            a2d_epoch = decay_epoch(epoch, step, cfg.a2d_decay_every)
+            stats = _update(ddp, module, teacher, objective, group, optimizer, scheduler, ctx, cfg, a2d_epoch)
             step += 1
             batch_index = first + len(group)
             window.add(stats)
@@ -578,7 +578,7 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{window.tokens_per_s():.0f}")
             if step % cfg.log_every == 0:
                 logger.write({"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                              **_a2d_weight(objective, epoch, step - 1, cfg), **window.flush(ctx)})
+                              **_a2d_weight(objective, a2d_epoch), **window.flush(ctx)})
             if cfg.save_every and step % cfg.save_every == 0:
                 save(last_path, epoch, batch_index)
             stop_reason = _should_stop(cfg, ctx, step, start)
@@ -602,11 +602,11 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
             "checkpoint": str(last_path), "best_checkpoint": str(best_path), "run_dir": str(run_dir)}
 
 
-def _a2d_weight(objective, epoch: int, step: int, cfg) -> dict:
-    """``{"a2d_weight": w}``: the attention term's weight at update ``step`` (0-based), for the log."""
+def _a2d_weight(objective, a2d_epoch: int) -> dict:
+    """``{"a2d_weight": w}``: the attention term's weight at that decay epoch, for the log."""
     if objective.distiller is None:
         return {}
-    return {"a2d_weight": objective.distiller.weight_at(decay_epoch(epoch, step, cfg.a2d_decay_every))}
+    return {"a2d_weight": objective.distiller.weight_at(a2d_epoch)}
 
 
 def decay_epoch(epoch: int, step: int, every: float) -> int:
