@@ -209,6 +209,30 @@ def test_non_contiguous_inputs(normalize):
     assert all(x is y for x, y in zip(in_place, (s0, s1)))
 
 
+def test_fairseq_head_major_layout():
+    """fairseq's MultiheadAttention (need_head_weights=True) returns each layer as
+    (H, B, T, S), a transpose(1, 0) view of (B, H, T, S) memory; the recipe in
+    examples/README.md passes w.transpose(0, 1). That must be the original memory, read
+    in place, with the reference's loss and gradients flowing back to fairseq's view."""
+    B, T, S = 3, 4, 9
+    fairseq_student = [attention(B, h, T, S).transpose(1, 0).detach().requires_grad_() for h in (2, 3)]
+    fairseq_teacher = [attention(B, 4, T, S).transpose(1, 0) for _ in range(2)]
+    student = [w.transpose(0, 1) for w in fairseq_student]
+    teacher = [w.transpose(0, 1) for w in fairseq_teacher]
+    assert all(t.is_contiguous() for t in (*student, *teacher))
+    assert all(t.data_ptr() == w.data_ptr() for t, w in zip(student, fairseq_student))
+    assert all(x is y for x, y in zip(triton_a2d._shared_position_strides(student), student))
+    weight = torch.randn(8, 5, device=DEVICE).requires_grad_()
+    key_mask = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+    key_mask[1, 6:] = True  # src_tokens.eq(pad): True = padding, fairseq's convention too
+    got = check(student, teacher, weight, None, key_padding_mask=key_mask)
+    loss = a2d_kl(student, teacher, weight, None, backend="triton", key_padding_mask=key_mask)
+    fairseq_grads = torch.autograd.grad(loss * 1.7, fairseq_student)
+    for g_view, g in zip(fairseq_grads, got[1:3]):
+        assert g_view.shape == (g.shape[1], B, T, S)
+        assert torch.equal(g_view.transpose(0, 1), g)
+
+
 def test_key_slices_of_wider_maps():
     """Layers cut from a wider (padded) buffer along the key and head axes."""
     B, T, K = 2, 4, 10
