@@ -45,32 +45,33 @@ benchmarks in their CPU smoke modes): it checks this script, not the kernels.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import glob
-import hashlib
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-FP32_TOL = 1e-5
-BF16_TOL = 1e-2
-UPSTREAM = 0.37  # not 1: the upstream gradient must reach every output
+# This file is the command line and the orchestration (stages, process groups, the
+# deadline, exports, the summary); torch is imported only by the child processes it
+# starts (this same file with a hidden child-mode flag). The rest of its job:
+#   gpu_env.py          environment facts (environment_info, backends_info, find_nvcc)
+#   gpu_correctness.py  the check stage: a fused backend against the float64 reference
+#   gpu_summary.py      log tails and the benchmark lines quoted in the summary
+from gpu_correctness import BF16_TOL, FP32_TOL, UPSTREAM, check_backend, check_line  # noqa: E402
+from gpu_env import backends_info, cmd_out, environment_info, find_nvcc  # noqa: E402
+from gpu_summary import bench_summary, log_tail, merge_bench_parts  # noqa: E402
 
 STAGES = ("env", "build", "check", "tests", "bench", "e2e")
 DEFAULT_STAGES = "env,check,bench,e2e"
@@ -86,337 +87,11 @@ MIN_SECONDS = {"check": 60, "tests": 60, "bench": 60, "e2e": 70}
 FINAL_RESERVE = 10
 
 
-# ---------------------------------------------------------------- correctness (child)
-
-
-def _rel_err(out, ref, floor: float = 0.0) -> float:
-    import torch
-
-    out = out.detach().to(torch.float64).flatten()
-    ref = ref.detach().to(torch.float64).flatten()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    denom = max(ref.norm().item(), floor)
-    return (out - ref).norm().item() / denom if denom > 0 else (out - ref).norm().item()
-
-
-def _grads(loss_fn, x, mask_kwargs):
-    """Loss and gradients (student maps concatenated, weight, bias) of one evaluation."""
-    import torch
-
-    x.clear_grads()
-    loss = loss_fn(x, mask_kwargs)
-    (loss * UPSTREAM).backward()
-    d_student = torch.cat([s.grad.flatten() for s in x.student])
-    return loss.detach(), d_student, x.weight.grad.clone(), x.bias.grad.clone()
-
-
-def check_backend(backend: str, out_dir: Path, device: str = "cuda", shapes=None) -> List[dict]:
-    """Compare ``backend`` with the float64 reference; print and return one row per case.
-
-    ``shapes`` defaults to the three realistic shapes; the masked case uses the first.
-    """
-    import torch
-
-    import cases
-    from a2d_kernels import a2d_kl
-
-    device = torch.device(device)
-    shapes = list(shapes) if shapes is not None else list(cases.REALISTIC)
-
-    def fused(x, masks):
-        return a2d_kl(x.student, x.teacher, x.weight, x.bias, normalize=masks["normalize"],
-                      reduction="sum", key_padding_mask=masks.get("kpm"),
-                      query_mask=masks.get("qm"), backend=backend)
-
-    def reference(x, masks):
-        # The same values in float64: the oracle of DESIGN.md section 4.
-        up = cases.Inputs(
-            [s.detach().double().requires_grad_() for s in x.student],
-            [a.double() for a in x.teacher],
-            x.weight.detach().double().requires_grad_(), x.bias.detach().double().requires_grad_())
-        return up, a2d_kl(up.student, up.teacher, up.weight, up.bias, normalize=masks["normalize"],
-                          reduction="sum", key_padding_mask=masks.get("kpm"),
-                          query_mask=masks.get("qm"), backend="reference")
-
-    plan = [(s, m, d, False) for s in shapes for m in cases.MODES for d in cases.DTYPES]
-    plan += [(shapes[0], m, "fp32", True) for m in cases.MODES]
-    rows = []
-    for shape, mode, dtype_name, masked in plan:
-        row = {"backend": backend, "shape": shape.name, "mode": mode, "dtype": dtype_name,
-               "masked": masked}
-        try:
-            x = cases.make_inputs(shape, cases.DTYPES[dtype_name], device, seed=1)
-            masks = {"normalize": mode}
-            if masked:
-                gen = torch.Generator(device=device).manual_seed(2)
-                lengths = torch.randint(shape.K // 2, shape.K + 1, (shape.B,), device=device, generator=gen)
-                pos = torch.arange(shape.K, device=device)
-                masks["kpm"] = pos[None, :] >= lengths[:, None]
-                masks["qm"] = pos[None, : shape.T] >= lengths[:, None].clamp(max=shape.T)
-            loss, ds, dw, db = _grads(fused, x, masks)
-            loss2, ds2, dw2, db2 = _grads(fused, x, masks)
-            row["deterministic"] = bool(torch.equal(loss, loss2) and torch.equal(ds, ds2)
-                                        and torch.equal(dw, dw2) and torch.equal(db, db2))
-            up, ref_loss = reference(x, masks)
-            (ref_loss * UPSTREAM).backward()
-            ref_ds = torch.cat([s.grad.flatten() for s in up.student])
-            row["loss"] = loss.item()
-            row["ref_loss"] = ref_loss.item()
-            row["err_loss"] = _rel_err(loss, ref_loss)
-            row["err_dstudent"] = _rel_err(ds, ref_ds)
-            row["err_dweight"] = _rel_err(dw, up.weight.grad)
-            # dbias[c] sums dZ = g*(q - p) over every entry: exactly 0 in map mode, and
-            # ~0 in row mode when teacher rows sum to 1, so its own norm is no scale.
-            # Its error is taken relative to the most that sum can hold, g * 2 per
-            # distribution (sum |q - p| <= 2), i.e. relative to the terms summed.
-            dists = shape.B * (shape.T if mode == "row" else 1)
-            row["err_dbias"] = _rel_err(db, up.bias.grad, floor=UPSTREAM * 2 * dists * shape.Ct ** 0.5)
-            tol = FP32_TOL if dtype_name == "fp32" else BF16_TOL
-            errs = [row[k] for k in ("err_loss", "err_dstudent", "err_dweight", "err_dbias")]
-            row["tolerance"] = tol
-            row["pass"] = all(e == e and e < tol for e in errs)  # e == e: NaN never passes
-            del x, up, ref_loss
-        except Exception as exc:
-            row["pass"] = False
-            row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-        if device.type == "cuda":
-            try:
-                torch.cuda.empty_cache()
-            except RuntimeError:  # the context died with the failure recorded above
-                pass
-        rows.append(row)
-        print(_check_line(row), flush=True)
-        # Written after every case: a step killed at its timeout keeps what it checked.
-        (out_dir / f"check_{backend}.json").write_text(json.dumps(rows, indent=1))
-    return rows
-
-
-def _check_line(row: dict) -> str:
-    head = (f"{row['backend']:>6} {row['shape']:>5} {row['mode']:>3} {row['dtype']:>4}"
-            f"{' masked' if row['masked'] else '       '}")
-    if "error" in row:
-        return f"{head} FAIL {row['error']}"
-    errs = " ".join(f"{k[4:]}={row[k]:.1e}" for k in ("err_loss", "err_dstudent", "err_dweight", "err_dbias"))
-    det = "deterministic" if row.get("deterministic") else "NOT deterministic"
-    return f"{head} {'PASS' if row['pass'] else 'FAIL'} (tol {row['tolerance']:g}) {errs} {det}"
-
-
-# ---------------------------------------------------------------- environment (child)
-
-
-def _cmd_out(cmd: Sequence[str], timeout: float = 30) -> Optional[str]:
-    try:
-        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
-        return (out.stdout + out.stderr).strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def find_nvcc() -> Optional[str]:
-    """nvcc as setup.py finds it (CUDA_HOME / CUDA_PATH, PATH, /usr/local/cuda), then the
-    other places a CUDA toolkit is installed: /usr/local/cuda-*, /opt/cuda, pip's nvidia
-    wheels."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(var)
-        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
-            return os.path.join(root, "bin", "nvcc")
-    candidates = [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    candidates += sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"), reverse=True)
-    candidates += ["/opt/cuda/bin/nvcc", "/usr/bin/nvcc"]
-    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        candidates += sorted(glob.glob(os.path.join(site, "nvidia", "*", "bin", "nvcc")), reverse=True)
-    for c in candidates:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
-
-
-def _cudart_static(nvcc: Optional[str]) -> Optional[str]:
-    if not nvcc:
-        return None
-    roots = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
-    dry = _cmd_out([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull])
-    for line in (dry or "").splitlines():
-        if line.startswith("#$ TOP="):
-            roots.insert(0, line.split("=", 1)[1].strip())
-    for root in roots:
-        for sub in ("lib64", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib", "lib"):
-            path = os.path.join(root, sub, "libcudart_static.a")
-            if os.path.isfile(path):
-                return os.path.normpath(path)
-    return None
-
-
-def _source_hash() -> str:
-    """sha256 over the sources that decide the results (works without .git)."""
-    h = hashlib.sha256()
-    files = [ROOT / "setup.py"]
-    for pattern in ("a2d_kernels/**/*.py", "csrc/*", "benchmarks/*.py", "tests/*.py", "python/**/*.py"):
-        files += sorted(ROOT.glob(pattern))
-    for f in files:
-        if f.is_file():
-            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def environment_info() -> dict:
-    """Everything the results depend on; runs in a child (it imports torch)."""
-    info: Dict[str, object] = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "python_executable": sys.executable,
-        "source_sha256_16": _source_hash(),
-        "git_commit": os.environ.get("A2D_COMMIT") or _cmd_out(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
-    }
-    smi = _cmd_out(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
-                    "--format=csv,noheader"])
-    info["nvidia_smi"] = smi
-    if smi:
-        parts = [p.strip() for p in smi.splitlines()[0].split(",")]
-        if len(parts) >= 4:
-            info["gpu_name"], info["driver"], info["gpu_memory"], info["compute_cap"] = parts[:4]
-    nvcc = find_nvcc()
-    info["nvcc"] = nvcc
-    version = _cmd_out([nvcc, "--version"]) if nvcc else None
-    info["nvcc_version"] = version.splitlines()[-1] if version else None
-    info["cudart_static"] = _cudart_static(nvcc)
-    cxx = (sysconfig.get_config_var("CXX") or "c++").split()[0]
-    info["setuptools_cxx"] = cxx
-    info["setuptools_cxx_found"] = shutil.which(cxx)
-    gcc = _cmd_out(["gcc", "--version"])
-    info["gcc"] = gcc.splitlines()[0] if gcc else None
-    info["python_h"] = os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
-    info["ninja"] = shutil.which("ninja")
-    from importlib import metadata
-
-    versions = {}
-    for dist in ("torch", "triton", "numpy", "pybind11", "ninja", "setuptools", "wheel", "pip", "pytest",
-                 "pytest-xdist", "pytest-timeout", "pytest-benchmark", "matplotlib", "transformers",
-                 "sentencepiece", "sacrebleu", "tqdm", "liger-kernel"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    info["packages"] = versions
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-        info["cuda_available"] = torch.cuda.is_available()
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            info["device_name"] = props.name
-            info["device_capability"] = f"{props.major}.{props.minor}"
-            info["sm_count"] = props.multi_processor_count
-            info["device_memory_bytes"] = int(props.total_memory)
-            info["l2_cache_bytes"] = int(getattr(props, "L2_cache_size", 0))
-            info["device_count"] = torch.cuda.device_count()
-    except Exception as exc:  # noqa: BLE001 - recorded, never fatal
-        info["torch_error"] = f"{type(exc).__name__}: {exc}"
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception as exc:  # noqa: BLE001
-        info["triton"] = None
-        info["triton_error"] = f"{type(exc).__name__}: {exc}"
-    return info
-
-
-def backends_info(smoke: bool) -> dict:
-    """What ``a2d_kernels.backends()`` says on this machine, and the extension's own view."""
-    import torch
-
-    import a2d_kernels
-    from a2d_kernels import backends
-
-    device = torch.device("cuda") if torch.cuda.is_available() and not smoke else torch.device("cpu")
-    info: Dict[str, object] = {"device": str(device), "backends": backends(device),
-                               "package": a2d_kernels.__file__}
-    try:
-        from a2d_kernels import _C
-
-        ext = {"file": _C.__file__, "cuda_archs": _C.cuda_archs, "runtime_version": _C.runtime_version(),
-               "driver_version": _C.driver_version()}
-        if device.type == "cuda":
-            ext["device_problem"] = _C.device_problem(0) or None
-        info["extension"] = ext
-    except Exception as exc:  # noqa: BLE001
-        info["extension"] = f"not importable: {type(exc).__name__}: {exc}"
-    return info
-
-
 # ---------------------------------------------------------------- orchestration (parent)
 
 
 class _Stopped(Exception):
     """SIGTERM / SIGINT arrived: stop, summarize and export what there is."""
-
-
-_NOISE = ("!!", "****", "Deprecat", "deprecat", "corresp(", "By 20", "or your builds", "See https://",
-          "Please use a simple string")
-
-
-def _tail(path: Path, n: int = 20, prefer: Sequence[str] = ()) -> List[str]:
-    """The last ``n`` lines of a log, or, when some lines contain one of ``prefer``, the
-    last ``n`` of those (the error lines of a compiler's output); setuptools'
-    deprecation banners are left out."""
-    try:
-        lines = [ln.rstrip() for ln in path.read_text(errors="replace").splitlines()
-                 if ln.strip() and not any(x in ln for x in _NOISE)]
-    except OSError:
-        return []
-    hits = [ln for ln in lines if any(p in ln.lower() for p in prefer)] if prefer else []
-    return [ln[:300] for ln in (hits or lines)[-n:]]
-
-
-def _bench_summary(path: Path) -> List[str]:
-    """The benchmark's compact forward+backward table and target checks, for the
-    summary printed last (the part of the output a reader sees first)."""
-    try:
-        import report
-
-        results = json.loads(path.read_text())
-    except Exception as exc:  # noqa: BLE001
-        return [f"  no benchmark results to summarize ({type(exc).__name__}: {exc})"]
-    records = results["records"]
-    realistic = [r for r in records if r["shape"]["name"] in ("iwslt", "wmt", "long")] or records
-    meta = results.get("meta", {})
-    bw = meta.get("copy_bytes_per_s")
-    lines = [f"device {meta.get('device_name')}, copy bandwidth {bw / 1e9:.0f} GB/s" if bw else "no copy bandwidth"]
-    lines += [f"skipped {k}: {v}" for k, v in meta.get("skipped_contenders", {}).items()]
-    n_ok = sum(r.get("status") == "ok" for r in records)
-    lines.append(f"{n_ok}/{len(records)} measurements ok")
-    lines.append(report.compact_summary(realistic))
-    lines += ["target: " + t for t in report.target_lines(records)]
-    return lines
-
-
-def _merge_bench_parts(bench_dir: Path) -> Optional[Path]:
-    """When bench_a2d.py was killed before merging, merge what its contenders wrote
-    (each writes its own results.json as it goes) into results.json (partial: true)."""
-    try:
-        import report
-
-        parts = [json.loads(p.read_text()) for p in sorted(bench_dir.glob("parts/*/results.json"))]
-        if not parts:
-            return None
-        meta = dict(parts[0]["meta"], partial=True, skipped_contenders={})
-        for part in parts:
-            meta["skipped_contenders"].update(part["meta"].get("skipped_contenders", {}))
-        records = report.derive([r for part in parts for r in part["records"]], meta.get("copy_bytes_per_s"))
-        path = bench_dir / "results.json"
-        path.write_text(json.dumps({"meta": meta, "records": records}, indent=1, default=str))
-        return path
-    except Exception as exc:  # noqa: BLE001 - a summary helper never ends the run
-        print(f"bench parts not merged: {type(exc).__name__}: {exc}", flush=True)
-        return None
 
 
 class GpuCheck:
@@ -604,7 +279,7 @@ class GpuCheck:
         with open(self.out / "environment.txt", "w") as fh:
             for cmd in (["nvidia-smi"], [self.env_info.get("nvcc") or "nvcc", "--version"],
                         [sys.executable, "-m", "pip", "list", "--disable-pip-version-check"]):
-                fh.write(f"$ {' '.join(cmd)}\n{_cmd_out(cmd, timeout=60) or '(failed)'}\n\n")
+                fh.write(f"$ {' '.join(cmd)}\n{cmd_out(cmd, timeout=60) or '(failed)'}\n\n")
         self.status["env"] = "ok" if rc == 0 and self.env_info else f"FAILED (rc={rc}, see env.log)"
         e = self.env_info
         for key in ("torch_error", "triton_error"):
@@ -646,8 +321,8 @@ class GpuCheck:
             self.status["build"] = "FAILED"
             self.note(f"build: FAILED (rc={rc}) after {took:.0f}s, archs {archs}, nvcc {nvcc}; "
                       f"the Triton checks still run. build.log, error lines:")
-            for line in _tail(self.out / "build.log", 15, prefer=("error", "fatal", "not found", "failed", "cannot",
-                                                                   "undefined", "no such")):
+            for line in log_tail(self.out / "build.log", 15, prefer=("error", "fatal", "not found", "failed",
+                                                                     "cannot", "undefined", "no such")):
                 self.note("  | " + line)
 
     def query_backends(self) -> Dict[str, Optional[str]]:
@@ -661,7 +336,7 @@ class GpuCheck:
             info = json.loads((self.out / "backends.json").read_text())
         except (OSError, ValueError):
             self.note(f"backends: could not be queried (rc={rc}); see backends.log:")
-            for line in _tail(self.out / "backends.log", 8):
+            for line in log_tail(self.out / "backends.log", 8):
                 self.note("  | " + line)
             return {}
         status = {k: (None if v["available"] else v["reason"]) for k, v in info["backends"].items()}
@@ -709,11 +384,11 @@ class GpuCheck:
             self.note(f"check {b}: {n_pass}/{len(rows)} cases pass, rc={rc}: {'ALL PASS' if ok else 'FAILURES'}")
             failed = [r for r in rows if not r["pass"]]
             for r in failed[:8]:
-                self.note("  " + _check_line(r)[:240])
+                self.note("  " + check_line(r)[:240])
             if len(failed) > 8:
                 self.note(f"  ... {len(failed) - 8} more in check_{b}.log")
             if rc != 0 and not rows or rc is None:
-                for line in _tail(self.out / f"check_{b}.log", 6):
+                for line in log_tail(self.out / f"check_{b}.log", 6):
                     self.note("  | " + line)
         self.write_check_json()
         self.status["check"] = ("ok" if results and all(results) else "no fused backend" if not fused
@@ -740,7 +415,7 @@ class GpuCheck:
             extras.append("150 s a test")
         began = time.time()
         rc = self.run(cmd + files, t, self.out / "gpu_tests.log", echo=False)
-        lines = _tail(self.out / "gpu_tests.log", 100000)
+        lines = log_tail(self.out / "gpu_tests.log", 100000)
         result = next((ln for ln in reversed(lines) if ln.startswith("=") and " in " in ln and any(
             w in ln for w in ("passed", "failed", "error", "skipped", "no tests"))), None)
         if result is None:  # killed before pytest's own summary: count the -v lines
@@ -776,10 +451,10 @@ class GpuCheck:
         self.note(f"benchmark: rc={rc}, budget {budget:.0f}s, results in {self.out / 'bench'}")
         results = self.out / "bench" / "results.json"
         if not results.exists():
-            results = _merge_bench_parts(self.out / "bench")
+            results = merge_bench_parts(self.out / "bench")
             if results is not None:
                 self.note(f"benchmark: no merged results.json; summarizing the contenders' parts ({results.name})")
-        for line in _bench_summary(results) if results is not None else ["  no benchmark results"]:
+        for line in bench_summary(results) if results is not None else ["  no benchmark results"]:
             self.note(line)
 
     def stage_e2e(self) -> None:
@@ -798,7 +473,7 @@ class GpuCheck:
         if md.exists():
             self.note(md.read_text().rstrip())
         elif rc != 0:
-            for line in _tail(self.out / "e2e.log", 6):
+            for line in log_tail(self.out / "e2e.log", 6):
                 self.note("  | " + line)
 
     def main(self) -> None:

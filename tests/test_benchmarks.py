@@ -188,10 +188,10 @@ def test_peer_pipeline_matches_the_reference(normalize, dtype, tol):
 
 
 def test_gpu_check_compares_with_float64_and_can_fail(tmp_path, monkeypatch):
-    import gpu_check
+    import gpu_correctness
     import a2d_kernels
 
-    rows = gpu_check.check_backend("reference", tmp_path, device="cpu", shapes=[TINY])
+    rows = gpu_correctness.check_backend("reference", tmp_path, device="cpu", shapes=[TINY])
     assert len(rows) == 2 * 2 + 2 and all(r["pass"] and r["deterministic"] for r in rows)
     assert json.loads((tmp_path / "check_reference.json").read_text()) == rows
 
@@ -202,7 +202,7 @@ def test_gpu_check_compares_with_float64_and_can_fail(tmp_path, monkeypatch):
         return loss * 1.05 if backend == "wrong" else loss
 
     monkeypatch.setattr(a2d_kernels, "a2d_kl", off_by_a_little)
-    rows = gpu_check.check_backend("wrong", tmp_path, device="cpu", shapes=[TINY])
+    rows = gpu_correctness.check_backend("wrong", tmp_path, device="cpu", shapes=[TINY])
     assert rows and not any(r["pass"] for r in rows)
     assert all(r["err_loss"] == pytest.approx(0.05, rel=1e-2) for r in rows)
 
