@@ -7,6 +7,7 @@
     a2d-train evaluate --checkpoint runs/a2d/checkpoint_best.pt --data data/ --beam 5
     a2d-train translate --checkpoint runs/a2d/checkpoint_best.pt --input in.txt --output out.txt
     a2d-train demo                                       # all of the above, tiny, ~15 min on 2 cores
+    a2d-train compare --plan release --minutes 7 --seeds 1,2,3 --parallel 3   # the release's presets, GPU
 
 Training runs under ``torchrun --nproc_per_node N -m a2d_trainer.cli train-teacher ...``
 as well (DDP). Errors on bad input end the command with one line naming the problem.
@@ -18,6 +19,7 @@ import json
 import sys
 from typing import List, Optional
 
+from .compare import PLANS
 from .model import PRESETS
 
 
@@ -124,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("compare", help="teacher vs no-KD, word-KD and A2D students over seeds (e.g. the release's "
+                                       "presets on a GPU)")
+    p.add_argument("--plan", default="release", choices=sorted(PLANS), help="presets and training options")
+    p.add_argument("--run-dir", default="runs/compare", help="output folder")
+    p.add_argument("--minutes", type=float, required=True,
+                   help="training time of all waves together (corpus and scoring come on top)")
+    p.add_argument("--seeds", default="1", help="comma-separated student seeds (the teacher uses the first)")
+    p.add_argument("--parallel", type=int, default=1, help="student runs at once, each in its own process")
+    p.add_argument("--data", help="prebuilt corpus folder (default: RUN_DIR/data, built from the catalogs)")
+    p.add_argument("--target-lang", default="de")
+    p.add_argument("--beam", type=int, default=4)
+    p.add_argument("--eval-sentences", type=int, help="test sentences scored per model (default: the plan's)")
+    p.add_argument("--a2d-backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    p.add_argument("--device", default="auto")
     return parser
 
 
@@ -133,6 +150,13 @@ def _device(name: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _seeds(text: str) -> List[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, e.g. 1,2,3; got {text!r}") from None
 
 
 def run(args) -> int:
@@ -182,6 +206,13 @@ def run(args) -> int:
 
         run_demo(args.run_dir, minutes=args.minutes, target_lang=args.target_lang, beam=args.beam, seed=args.seed,
                  device=_device(args.device))
+    elif args.command == "compare":
+        from .compare import run_comparison
+
+        run_comparison(PLANS[args.plan], args.run_dir, minutes=args.minutes, seeds=_seeds(args.seeds),
+                       parallel=args.parallel, data_dir=args.data, target_lang=args.target_lang, beam=args.beam,
+                       device=_device(args.device), eval_sentences=args.eval_sentences,
+                       a2d_backend=args.a2d_backend)
     return 0
 
 

@@ -1,0 +1,98 @@
+"""``a2d-train compare``: waves, equal update counts per seed, parallel processes, the
+seed summary. Tiny corpus and micro presets, so a run takes seconds."""
+import dataclasses
+import json
+import math
+
+import pytest
+
+from a2d_trainer import cli
+from a2d_trainer.compare import PLANS, results_table, run_comparison, seed_summary
+
+from test_trainer import DE, EN
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from test_trainer_data import write_mo
+
+    from a2d_trainer.corpus import build_corpus
+
+    root = tmp_path_factory.mktemp("compare")
+    entries = [(f"The {a} {b} was removed", f"Der {c} {d} wurde entfernt")
+               for a, c in zip(EN, DE) for b, d in zip(EN[:5], DE[:5])]
+    write_mo(root / "share" / "locale" / "de" / "LC_MESSAGES" / "toy.mo", entries)
+    return build_corpus(root / "data", search_paths=[root / "share"], min_pairs=20).out_dir
+
+
+MICRO = dataclasses.replace(
+    PLANS["demo"], teacher_preset="micro-teacher", student_preset="micro-student", teacher_updates=4,
+    student_updates=3,
+    training=dict(PLANS["demo"].training, vocab_size=40, max_tokens=200, warmup_updates=2))
+
+
+def test_two_seeds_in_parallel_processes(corpus, tmp_path, capsys):
+    results = run_comparison(MICRO, tmp_path / "run", minutes=5.0, seeds=[4, 7], parallel=2, data_dir=corpus,
+                             beam=1, eval_sentences=4, progress=False)
+    assert list(results) == ["teacher", "student_none_seed4", "student_word_seed4", "student_a2d_seed4",
+                             "student_none_seed7", "student_word_seed7", "student_a2d_seed7"]
+    for seed in (4, 7):
+        a2d = results[f"student_a2d_seed{seed}"]
+        assert a2d["seed"] == seed and a2d["updates"] == MICRO.student_updates
+        for kd in ("none", "word"):  # update for update with that seed's A2D student
+            assert results[f"student_{kd}_seed{seed}"]["updates"] == a2d["updates"]
+    assert all(r["sentences"] == 4 and math.isfinite(r["bleu"]) for r in results.values())
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["seeds"] == [4, 7] and list(saved["results"]) == list(results)
+    gap = saved["summary"]["a2d_minus_word_bleu"]
+    assert gap["seeds"] == 2 and len(gap["per_seed"]) == 2
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| student, word-KD + A2D (scaled schedule) | 7 |" in table and "Over 2 seeds" in table
+    assert "A2D minus word-KD BLEU" in capsys.readouterr().out
+
+
+def test_seed_summary_statistics():
+    def run(kd, seed, bleu):
+        return f"student_{kd}_seed{seed}", {"label": kd, "seed": seed, "updates": 5, "train_seconds": 1.0,
+                                            "valid_nll": 4.0 + bleu / 100, "bleu": bleu, "chrf": 2 * bleu}
+    results = dict([run("word", 1, 10.0), run("a2d", 1, 11.0), run("word", 2, 12.0), run("a2d", 2, 11.5),
+                    run("word", 3, 8.0), run("a2d", 3, 9.5), run("none", 1, 7.0)])
+    summary = seed_summary(results, [1, 2, 3])
+    assert summary["word"]["bleu"]["mean"] == pytest.approx(10.0)
+    assert summary["word"]["bleu"]["std"] == pytest.approx(2.0)  # sample std of 10, 12, 8
+    assert "none" not in summary  # seeds 2 and 3 missing: not summarized
+    gap = summary["a2d_minus_word_bleu"]
+    assert gap["per_seed"] == pytest.approx([1.0, -0.5, 1.5])
+    assert gap["mean"] == pytest.approx(2.0 / 3)
+    assert gap["stderr"] == pytest.approx(gap["std"] / math.sqrt(3))
+    assert gap["a2d_ahead"] == 2
+    assert "+0.67 ±" in results_table(results, [1, 2, 3])
+    assert seed_summary(results, [1]) == {}
+
+
+def test_compare_rejects_bad_arguments(corpus, tmp_path, capsys):
+    with pytest.raises(ValueError, match="parallel must be >= 1, got 0"):
+        run_comparison(MICRO, tmp_path, minutes=1, parallel=0, data_dir=corpus)
+    with pytest.raises(ValueError, match="no complete corpus"):
+        run_comparison(MICRO, tmp_path, minutes=1, data_dir=tmp_path / "nowhere")
+    assert cli.main(["compare", "--minutes", "1", "--seeds", "1,x", "--data", str(corpus)]) == 2
+    assert "--seeds takes comma-separated integers" in capsys.readouterr().err
+
+
+def test_a_failed_run_keeps_the_finished_ones(corpus, tmp_path, monkeypatch, capsys):
+    from a2d_trainer import compare
+
+    real = compare.train_and_score
+
+    def flaky(cfg, score):
+        if cfg.kd == "a2d" and cfg.seed == 7:
+            raise ValueError("boom")
+        return real(cfg, score)
+
+    monkeypatch.setattr(compare, "train_and_score", flaky)
+    with pytest.raises(ValueError, match="boom"):
+        run_comparison(MICRO, tmp_path / "run", minutes=5.0, seeds=[4, 7], data_dir=corpus, beam=1,
+                       eval_sentences=2, progress=False)
+    assert "student_a2d_seed7: FAILED: ValueError: boom" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(saved["results"]) == ["teacher", "student_a2d_seed4"]
