@@ -22,6 +22,8 @@ program's start; a stage that no longer fits is skipped and says so):
            determinism check (two runs, same bits).
 ``tests``  the test files that run on the device (build, CUDA, Triton, QK, compile);
            pytest-xdist and pytest-timeout are used when installed.
+``qk``     ``bench_qk.py``: QK mode vs the map path vs SDPA as T grows (512 ... 65536, bf16),
+           at most 180 s; its table goes into the summary.
 ``bench``  ``bench_a2d.py --isolate`` with what the deadline leaves (minus e2e's share).
 ``e2e``    ``bench_e2e.py``: the whole distillation step.
 
@@ -73,7 +75,7 @@ from gpu_correctness import BF16_TOL, FP32_TOL, UPSTREAM, check_backend, check_l
 from gpu_env import backends_info, cmd_out, environment_info, find_nvcc  # noqa: E402
 from gpu_summary import bench_summary, log_tail, merge_bench_parts  # noqa: E402
 
-STAGES = ("env", "build", "check", "tests", "bench", "e2e")
+STAGES = ("env", "build", "check", "tests", "qk", "bench", "e2e")
 DEFAULT_STAGES = "env,check,bench,e2e"
 GPU_TESTS = ("tests/test_build.py", "tests/test_cuda.py", "tests/test_triton.py", "tests/test_qk.py",
              "tests/test_compile.py")
@@ -83,7 +85,8 @@ EXPORTED = ("summary.txt", "environment.json", "check.json", "bench_results.json
 TARBALL = "gpu_check_all.tar.gz"
 # Seconds kept for the stages after a given one, so an early stage that runs long
 # cannot starve them all, and for the last summary and export.
-MIN_SECONDS = {"check": 60, "tests": 60, "bench": 60, "e2e": 70}
+MIN_SECONDS = {"check": 60, "tests": 60, "qk": 60, "bench": 60, "e2e": 70}
+QK_CAP_S = 180  # the QK-mode T sweep stops starting measurements before this
 FINAL_RESERVE = 10
 
 
@@ -457,6 +460,27 @@ class GpuCheck:
         for line in bench_summary(results) if results is not None else ["  no benchmark results"]:
             self.note(line)
 
+    def stage_qk(self) -> None:
+        t = self.timeout_for("qk", QK_CAP_S, floor=40)
+        if t is None:
+            self.status["qk"] = "skipped (deadline)"
+            self.note("qk sweep: skipped (deadline)")
+            return
+        self._clear("qk/qk_results.json", "qk/qk_table.md")
+        # bench_qk finishes the measurement running at its budget's end (up to --slow-s
+        # per call, a few calls) and then writes its table.
+        cmd = [sys.executable, str(HERE / "bench_qk.py"), "--out", str(self.out / "qk"),
+               "--budget-s", f"{max(15.0, t - 60):.0f}"] + (["--smoke"] if self.smoke else [])
+        rc = self.run(cmd, t, self.out / "qk.log", echo=True)
+        self.status["qk"] = "ok" if rc == 0 else ("TIMED OUT" if rc is None else "FAILED")
+        self.note(f"qk sweep: rc={rc}, results in {self.out / 'qk'}")
+        md = self.out / "qk" / "qk_table.md"
+        if md.exists():
+            self.note(md.read_text().rstrip())
+        elif rc != 0:
+            for line in log_tail(self.out / "qk.log", 6):
+                self.note("  | " + line)
+
     def stage_e2e(self) -> None:
         t = self.timeout_for("e2e", 1e9, floor=30)
         if t is None:
@@ -494,7 +518,7 @@ class GpuCheck:
                 self.note(f"backends: query crashed: {type(exc).__name__}: {exc}")
             self.export()
         for name, fn in (("check", lambda: self.stage_check(status)), ("tests", self.stage_tests),
-                         ("bench", self.stage_bench), ("e2e", self.stage_e2e)):
+                         ("qk", self.stage_qk), ("bench", self.stage_bench), ("e2e", self.stage_e2e)):
             if name in self.stages:
                 self._guarded(name, fn)
 

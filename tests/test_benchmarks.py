@@ -20,6 +20,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import bench_a2d  # noqa: E402
+import bench_qk  # noqa: E402
 import cases  # noqa: E402
 import contenders  # noqa: E402
 import measure  # noqa: E402
@@ -224,6 +225,41 @@ def test_e2e_smoke(tmp_path):
     assert rows["a2d:reference"]["status"] == "ok"
     assert "a2d_time_share" in rows["a2d:reference"]
     assert (tmp_path / "e2e.json").exists()
+
+
+def test_qk_sweep_smoke_writes_table_json_and_plot(tmp_path):
+    """QK mode vs the map path vs SDPA as T grows (issue 8's benchmark), in its CPU mode."""
+    assert bench_qk.main(["--smoke", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "qk_results.json").read_text())
+    ok = {(r["contender"], r["T"]) for r in result["records"] if r["status"] == "ok"}
+    assert ok == {(c, t) for c in bench_qk.CONTENDERS for t in (8, 16, 32)}
+    assert result["largest_T"] == {"qk": 32, "map": 32, "sdpa": 32}
+    # Both loss paths ran the same maps: they must agree.
+    assert all(r["agree"] < 1e-6 for r in result["records"] if r["contender"] in ("qk", "map"))
+    assert "| 32 |" in (tmp_path / "qk_table.md").read_text()
+    assert (tmp_path / "qk_sweep.png").stat().st_size > 0
+
+
+def test_qk_sweep_records_oom_and_stops_that_contender(monkeypatch):
+    """An out-of-memory is a result (the largest T a path handles), not a crash; the
+    contender is not tried at larger T, the others go on."""
+    args = bench_qk.parse_args(["--smoke"])
+    steps = bench_qk.contender_steps(torch.device("cpu"), smoke=True)
+
+    def map_oom_from_16(x):
+        if x["sq"].shape[2] >= 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+        return steps["map"](x)
+
+    monkeypatch.setattr(bench_qk, "contender_steps", lambda device, smoke: {**steps, "map": map_oom_from_16})
+    result = bench_qk.run_sweep(args, torch.device("cpu"))
+    status = {(r["contender"], r["T"]): r["status"] for r in result["records"]}
+    assert status[("map", 8)] == "ok" and status[("map", 16)] == "oom"
+    assert status[("map", 32)] == "skipped (oom at T=16)"
+    assert status[("qk", 32)] == "ok"
+    assert result["largest_T"]["map"] == 8
+    table = bench_qk.markdown_table(result)
+    assert "| 16 |" in table and "oom" in table and "Largest T that ran: qk: 32, map: 8, sdpa: 32." in table
 
 
 # ---------------------------------------------------------------- Python-side overhead
