@@ -461,43 +461,44 @@ class GpuCheck:
             self.note(line)
 
     def stage_qk(self) -> None:
-        t = self.timeout_for("qk", QK_CAP_S, floor=40)
+        t = self._stage_time("qk", "qk sweep", QK_CAP_S, floor=40)
         if t is None:
-            self.status["qk"] = "skipped (deadline)"
-            self.note("qk sweep: skipped (deadline)")
             return
         self._clear("qk/qk_results.json", "qk/qk_table.md")
         # bench_qk finishes the measurement running at its budget's end (up to --slow-s
         # per call, a few calls) and then writes its table.
         cmd = [sys.executable, str(HERE / "bench_qk.py"), "--out", str(self.out / "qk"),
                "--budget-s", f"{max(15.0, t - 60):.0f}"] + (["--smoke"] if self.smoke else [])
-        rc = self.run(cmd, t, self.out / "qk.log", echo=True)
-        self.status["qk"] = "ok" if rc == 0 else ("TIMED OUT" if rc is None else "FAILED")
-        self.note(f"qk sweep: rc={rc}, results in {self.out / 'qk'}")
-        md = self.out / "qk" / "qk_table.md"
-        if md.exists():
-            self.note(md.read_text().rstrip())
-        elif rc != 0:
-            for line in log_tail(self.out / "qk.log", 6):
-                self.note("  | " + line)
+        self._run_script_stage("qk", "qk sweep", cmd, t, self.out / "qk" / "qk_table.md")
 
     def stage_e2e(self) -> None:
-        t = self.timeout_for("e2e", 1e9, floor=30)
+        t = self._stage_time("e2e", "e2e", 1e9, floor=30)
         if t is None:
-            self.status["e2e"] = "skipped (deadline)"
-            self.note("e2e: skipped (deadline)")
             return
         self._clear("e2e/e2e.json", "e2e/e2e.md")
         cmd = [sys.executable, str(HERE / "bench_e2e.py"), "--out", str(self.out / "e2e"),
                "--budget-s", f"{max(15.0, t - 25):.0f}"]
-        rc = self.run(cmd, t, self.out / "e2e.log", echo=True)
-        self.status["e2e"] = "ok" if rc == 0 else ("TIMED OUT" if rc is None else "FAILED")
-        self.note(f"e2e: rc={rc}, results in {self.out / 'e2e'}")
-        md = self.out / "e2e" / "e2e.md"
-        if md.exists():
-            self.note(md.read_text().rstrip())
+        self._run_script_stage("e2e", "e2e", cmd, t, self.out / "e2e" / "e2e.md")
+
+    def _stage_time(self, stage: str, label: str, cap: float, floor: float) -> Optional[float]:
+        """``timeout_for``, and the stage marked skipped when nothing is left for it."""
+        t = self.timeout_for(stage, cap, floor=floor)
+        if t is None:
+            self.status[stage] = "skipped (deadline)"
+            self.note(f"{label}: skipped (deadline)")
+        return t
+
+    def _run_script_stage(self, stage: str, label: str, cmd: List[str], t: float, table: Path) -> None:
+        """Run a benchmark script as ``stage``; quote its Markdown table in the summary, or
+        the tail of its log when it failed before writing one."""
+        log = self.out / f"{stage}.log"
+        rc = self.run(cmd, t, log, echo=True)
+        self.status[stage] = "ok" if rc == 0 else ("TIMED OUT" if rc is None else "FAILED")
+        self.note(f"{label}: rc={rc}, results in {table.parent}")
+        if table.exists():
+            self.note(table.read_text().rstrip())
         elif rc != 0:
-            for line in log_tail(self.out / "e2e.log", 6):
+            for line in log_tail(log, 6):
                 self.note("  | " + line)
 
     def main(self) -> None:
