@@ -96,3 +96,15 @@ def test_a_failed_run_keeps_the_finished_ones(corpus, tmp_path, monkeypatch, cap
     assert "student_a2d_seed7: FAILED: ValueError: boom" in capsys.readouterr().out
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert list(saved["results"]) == ["teacher", "student_a2d_seed4"]
+
+
+def test_a2d_update_target_from_the_teachers_rate():
+    from a2d_trainer.compare import a2d_updates
+
+    release = PLANS["release"]
+    budget = 600.0  # teacher cap 240 s, A2D cap 150 s
+    teacher = {"updates": 2400, "train_seconds": 275.0}  # 10 updates/s in its 240 s loop
+    assert a2d_updates(release, teacher, budget, rounds=1) == 1500
+    assert a2d_updates(release, teacher, budget, rounds=2) == 750  # two A2D runs one after the other
+    assert a2d_updates(release, {"updates": 10 ** 6, "train_seconds": 240.0}, budget, 1) == release.student_updates
+    assert a2d_updates(PLANS["demo"], teacher, budget, 1) == 360  # a fixed plan

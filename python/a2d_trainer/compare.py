@@ -47,7 +47,13 @@ class Plan:
     attention-weight decay once per ``student_updates / 100`` updates (the release's
     100-epoch schedule squeezed into the run) instead of once per epoch as released; a
     run of a few hundred updates never leaves epoch 1-2 otherwise and keeps the weight
-    at 1 (README, "The trainer"). Shares are fractions of the training budget per wave.
+    at 1 (README, "The trainer"). ``student_updates_from_teacher``: plan the A2D students'
+    updates (and so that schedule) from the teacher's measured rate, as many as it made
+    per second times the A2D wave's time cap, at most ``student_updates``; for a device
+    whose speed is not known in advance. A student update costs less than a teacher's,
+    concurrent students share the device: the plan errs either way, and the scaled
+    schedule is robust to it (past half of it the weight is below 0.01). Shares are
+    fractions of the training budget per wave.
     """
 
     teacher_preset: str
@@ -57,6 +63,7 @@ class Plan:
     scaled_a2d_schedule: bool
     eval_sentences: int
     teacher_updates: int = 0  # 0: the teacher trains for its time share
+    student_updates_from_teacher: bool = False
     teacher_share: float = 0.42
     a2d_share: float = 0.17
     baseline_share: float = 0.40  # both baselines; a cap: they stop at their A2D student's update count first
@@ -72,12 +79,13 @@ PLANS: Dict[str, Plan] = {
         student_updates=360, scaled_a2d_schedule=True, eval_sentences=300),
     # The release's models (6+6 teacher, 3+3 student, 4 heads, d=512, FFN 1024, dropout 0.3),
     # its batch size, learning rate and unclipped gradients, for a GPU run of minutes: a
-    # short warm-up, and the release's per-epoch decay (an epoch of this corpus is short).
+    # short warm-up, and the release's schedule shape scaled to a run whose length is
+    # planned from the teacher's speed on that device.
     "release": Plan(
         teacher_preset="teacher", student_preset="student",
         training=dict(vocab_size=8000, max_len=128, max_tokens=4096, lr=5e-4, warmup_updates=500,
                       max_epochs=1000, log_every=50, save_every=0, clip_norm=0.0),
-        student_updates=4000, scaled_a2d_schedule=False, eval_sentences=500,
+        student_updates=20000, scaled_a2d_schedule=True, student_updates_from_teacher=True, eval_sentences=500,
         teacher_share=0.40, a2d_share=0.25, baseline_share=0.35),
 }
 
@@ -147,12 +155,13 @@ def run_comparison(plan: Plan, run_dir, minutes: float, seeds: Sequence[int] = (
     common = dict(plan.training, data_dir=str(info.out_dir), device=device)
     score = dict(beam=beam, limit=plan.eval_sentences if eval_sentences is None else eval_sentences)
     results: Dict[str, dict] = {}
+    planned: Dict[str, int] = {}  # the A2D students' update target, once known
 
     def save_results() -> None:
         ordered = {n: results[n] for n in names if n in results}
         table = results_table(ordered, seeds)
         atomic.write_text(run_dir / "results.json", json.dumps(
-            {"plan": dataclasses.asdict(plan), "seeds": seeds, "corpus": info.counts, "beam": beam,
+            {"plan": dataclasses.asdict(plan), "seeds": seeds, "a2d_planned_updates": planned.get("updates"), "corpus": info.counts, "beam": beam,
              "device": device, "a2d_backend": a2d_backend, "results": ordered, "summary": seed_summary(ordered, seeds),
              "total_seconds": round(time.monotonic() - t_start, 1)}, indent=1) + "\n")
         atomic.write_text(run_dir / "results.md", table + "\n")
@@ -186,9 +195,10 @@ def run_comparison(plan: Plan, run_dir, minutes: float, seeds: Sequence[int] = (
                                                  max_steps=plan.teacher_updates))], plan.teacher_share)
     student = dict(preset=plan.student_preset, teacher=results["teacher"]["best_checkpoint"],
                    teacher_preset=plan.teacher_preset)
-    decay_every = plan.student_updates / RELEASE_EPOCHS if plan.scaled_a2d_schedule else 0.0
+    updates = planned["updates"] = a2d_updates(plan, results["teacher"], budget, math.ceil(len(seeds) / parallel))
+    decay_every = updates / RELEASE_EPOCHS if plan.scaled_a2d_schedule else 0.0
     wave("A2D students", [(run_name("student_a2d", s, seeds), "student_a2d",
-                           dict(student, kd="a2d", seed=s, max_steps=plan.student_updates,
+                           dict(student, kd="a2d", seed=s, max_steps=updates,
                                 a2d_decay_every=decay_every, a2d_backend=a2d_backend)) for s in seeds],
          plan.a2d_share)
     wave("baseline students", [
@@ -200,6 +210,20 @@ def run_comparison(plan: Plan, run_dir, minutes: float, seeds: Sequence[int] = (
     print("\n" + results_table(ordered, seeds))
     print(f"\n[compare] total {(time.monotonic() - t_start) / 60:.1f} min; outputs in {run_dir}")
     return ordered
+
+
+def a2d_updates(plan: Plan, teacher: Mapping[str, float], budget: float, rounds: int) -> int:
+    """The A2D students' update target: the plan's, or (``student_updates_from_teacher``)
+    the teacher's measured updates per second times each A2D run's time cap, at most the
+    plan's. ``rounds``: how many A2D runs follow each other in the wave."""
+    if not plan.student_updates_from_teacher:
+        return plan.student_updates
+    # Its loop stopped at the time cap; train_seconds also holds setup and validation.
+    loop_s = min(teacher["train_seconds"], plan.teacher_share * budget)
+    rate = teacher["updates"] / max(loop_s, 1e-3)
+    updates = max(1, min(plan.student_updates, int(rate * plan.a2d_share * budget / rounds)))
+    print(f"[compare] teacher: {rate:.1f} updates/s; A2D students planned for {updates} updates")
+    return updates
 
 
 def _corpus(given, default: Path, target_lang: str):
