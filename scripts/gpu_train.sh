@@ -17,7 +17,7 @@
 # checkpoints). They are copied whatever happened, so a run cut short returns what it
 # finished (results.* are rewritten after every wave).
 #
-# Knobs: A2D_MINUTES (training waves together, default 6.5), A2D_SEEDS (default 1,2,3),
+# Knobs: A2D_MINUTES (training waves together, default 6), A2D_SEEDS (default 1,2,3),
 # A2D_PARALLEL (student processes at once, default 6), A2D_DATA (default
 # runs/corpus_de when present), A2D_A2D_BACKEND (default auto), A2D_EVAL_SENTENCES
 # (default the plan's 500), A2D_DEADLINE_S (default 560), A2D_DEVICE (default cuda; cpu
@@ -45,13 +45,13 @@ fi
   date -u +"date: %F %T UTC"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
   "$PY" -c 'import torch, triton, sentencepiece, sacrebleu; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "sentencepiece", sentencepiece.__version__, "sacrebleu", sacrebleu.__version__)' 2>&1
-  echo "A2D_MINUTES=${A2D_MINUTES:-6.5} A2D_SEEDS=${A2D_SEEDS:-1,2,3} A2D_PARALLEL=${A2D_PARALLEL:-6} data=$DATA backend=${A2D_A2D_BACKEND:-auto}"
+  echo "A2D_MINUTES=${A2D_MINUTES:-6} A2D_SEEDS=${A2D_SEEDS:-1,2,3} A2D_PARALLEL=${A2D_PARALLEL:-6} data=$DATA backend=${A2D_A2D_BACKEND:-auto}"
 } > "$DEST/environment.txt"
 cat "$DEST/environment.txt"
 
 timeout -k 10 "${A2D_DEADLINE_S:-560}" "$PY" -m a2d_trainer.cli compare --plan release \
   --run-dir "$RUN" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --device "${A2D_DEVICE:-cuda}" \
-  --minutes "${A2D_MINUTES:-6.5}" --seeds "${A2D_SEEDS:-1,2,3}" --parallel "${A2D_PARALLEL:-6}" \
+  --minutes "${A2D_MINUTES:-6}" --seeds "${A2D_SEEDS:-1,2,3}" --parallel "${A2D_PARALLEL:-6}" \
   --a2d-backend "${A2D_A2D_BACKEND:-auto}" ${A2D_EVAL_SENTENCES:+--eval-sentences "$A2D_EVAL_SENTENCES"}
 rc=$?
 echo "gpu_train.sh: a2d-train compare exited with $rc (124: cut at the deadline)"
