@@ -93,9 +93,20 @@ def test_a_failed_run_keeps_the_finished_ones(corpus, tmp_path, monkeypatch, cap
     with pytest.raises(ValueError, match="boom"):
         run_comparison(MICRO, tmp_path / "run", minutes=5.0, seeds=[4, 7], data_dir=corpus, beam=1,
                        eval_sentences=2, progress=False)
-    assert "student_a2d_seed7: FAILED: ValueError: boom" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "student_a2d_seed7: FAILED: ValueError: boom" in out and "1 run(s) failed" in out
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert list(saved["results"]) == ["teacher", "student_a2d_seed4"]
+    # The other seed's runs and seed 7's baselines (at the planned count) still ran.
+    assert list(saved["results"]) == ["teacher", "student_none_seed4", "student_word_seed4", "student_a2d_seed4",
+                                      "student_none_seed7", "student_word_seed7"]
+    assert saved["results"]["student_word_seed7"]["target_updates"] == MICRO.student_updates
+
+
+def test_updates_short_of_the_target_are_marked():
+    row = {"label": "student, word-KD", "seed": 1, "updates": 300, "target_updates": 360, "train_seconds": 9.0,
+           "valid_nll": 4.2, "bleu": 9.0, "chrf": 17.0}
+    assert "| student, word-KD | 300 of 360 | 9 |" in results_table({"student_word": row}, [1])
+    assert "| student, word-KD | 360 | 9 |" in results_table({"student_word": {**row, "updates": 360}}, [1])
 
 
 def test_a2d_update_target_from_the_teachers_rate():
@@ -104,7 +115,8 @@ def test_a2d_update_target_from_the_teachers_rate():
     release = PLANS["release"]
     budget = 600.0  # teacher cap 240 s, A2D cap 150 s
     teacher = {"updates": 2400, "train_seconds": 275.0}  # 10 updates/s in its 240 s loop
-    assert a2d_updates(release, teacher, budget, rounds=1) == 1500
-    assert a2d_updates(release, teacher, budget, rounds=2) == 750  # two A2D runs one after the other
-    assert a2d_updates(release, {"updates": 10 ** 6, "train_seconds": 240.0}, budget, 1) == release.student_updates
-    assert a2d_updates(PLANS["demo"], teacher, budget, 1) == 360  # a fixed plan
+    assert a2d_updates(release, teacher, budget, workers=1, rounds=1) == 1500
+    assert a2d_updates(release, teacher, budget, workers=3, rounds=1) == 500  # three share the device
+    assert a2d_updates(release, teacher, budget, workers=1, rounds=2) == 750  # two runs one after the other
+    assert a2d_updates(release, {"updates": 10 ** 6, "train_seconds": 240.0}, budget, 1, 1) == release.student_updates
+    assert a2d_updates(PLANS["demo"], teacher, budget, 3, 1) == 360  # a fixed plan

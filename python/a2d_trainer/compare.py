@@ -27,9 +27,9 @@ import os
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from . import atomic
 from .model import resolve_config
@@ -155,74 +155,83 @@ def run_comparison(plan: Plan, run_dir, minutes: float, seeds: Sequence[int] = (
     common = dict(plan.training, data_dir=str(info.out_dir), device=device)
     score = dict(beam=beam, limit=plan.eval_sentences if eval_sentences is None else eval_sentences)
     results: Dict[str, dict] = {}
+    failures: List[Exception] = []
     planned: Dict[str, int] = {}  # the A2D students' update target, once known
 
     def save_results() -> None:
         ordered = {n: results[n] for n in names if n in results}
-        table = results_table(ordered, seeds)
         atomic.write_text(run_dir / "results.json", json.dumps(
-            {"plan": dataclasses.asdict(plan), "seeds": seeds, "a2d_planned_updates": planned.get("updates"), "corpus": info.counts, "beam": beam,
-             "device": device, "a2d_backend": a2d_backend, "results": ordered, "summary": seed_summary(ordered, seeds),
+            {"plan": dataclasses.asdict(plan), "seeds": seeds, "a2d_planned_updates": planned.get("updates"),
+             "corpus": info.counts, "beam": beam, "device": device, "a2d_backend": a2d_backend,
+             "results": ordered, "summary": seed_summary(ordered, seeds),
              "total_seconds": round(time.monotonic() - t_start, 1)}, indent=1) + "\n")
-        atomic.write_text(run_dir / "results.md", table + "\n")
+        atomic.write_text(run_dir / "results.md", results_table(ordered, seeds) + "\n")
 
     def wave(title: str, jobs: List[tuple], share: float) -> None:
-        """Run ``jobs`` ((name, role, TrainConfig kwargs)), ``parallel`` at a time,
-        within ``share`` of the budget together."""
+        """Run ``jobs`` ((name, role, TrainConfig kwargs)), ``parallel`` at a time, within
+        ``share`` of the budget together. Results are saved as each job ends; a failed
+        job is reported and kept in ``failures`` while the others go on."""
         rounds = math.ceil(len(jobs) / parallel)
         cap = share * budget / rounds
         workers = min(parallel, len(jobs))
-        configs = []
-        for name, role, kwargs in jobs:
-            cfg = _config(common, run_dir / name, time_budget=cap, progress=progress and workers == 1,
-                          threads=_threads(workers), **kwargs)
-            configs.append((name, role, cfg))
+        configs = [(name, role, _config(common, run_dir / name, time_budget=cap, progress=progress and workers == 1,
+                                        threads=_threads(workers), **kwargs)) for name, role, kwargs in jobs]
         print(f"[compare] {title}: {len(jobs)} run(s), {workers} at a time, {cap:.0f} s each at most")
-        failed = []
-        for (name, role, cfg), out in zip(configs, _run_jobs([c for _, _, c in configs], score, workers)):
+        for i, out in _run_jobs([cfg for _, _, cfg in configs], score, workers):
+            name, role, cfg = configs[i]
             if isinstance(out, Exception):
-                failed.append(out)
+                failures.append(out)
                 print(f"[compare] {name}: FAILED: {type(out).__name__}: {out}")
                 continue
             results[name] = {"label": label(plan, role), "seed": cfg.seed, **out}
+            if role != "teacher":
+                results[name]["target_updates"] = cfg.max_steps
             print(f"[compare] {name}: {out['updates']} updates in {out['train_seconds']} s, best valid NLL "
                   f"{out['valid_nll']:.3f}, BLEU {out['bleu']:.2f} on {out['sentences']} test sentences")
-        save_results()  # what finished is kept, whatever failed
-        if failed:  # later waves need this one's runs
-            raise failed[0]
+            save_results()
 
     wave("teacher", [("teacher", "teacher", dict(preset=plan.teacher_preset, seed=seeds[0],
                                                  max_steps=plan.teacher_updates))], plan.teacher_share)
+    if failures:  # every student needs the teacher
+        raise failures[0]
     student = dict(preset=plan.student_preset, teacher=results["teacher"]["best_checkpoint"],
                    teacher_preset=plan.teacher_preset)
-    updates = planned["updates"] = a2d_updates(plan, results["teacher"], budget, math.ceil(len(seeds) / parallel))
+    updates = planned["updates"] = a2d_updates(plan, results["teacher"], budget, min(parallel, len(seeds)),
+                                               math.ceil(len(seeds) / parallel))
     decay_every = updates / RELEASE_EPOCHS if plan.scaled_a2d_schedule else 0.0
     wave("A2D students", [(run_name("student_a2d", s, seeds), "student_a2d",
                            dict(student, kd="a2d", seed=s, max_steps=updates,
                                 a2d_decay_every=decay_every, a2d_backend=a2d_backend)) for s in seeds],
          plan.a2d_share)
-    wave("baseline students", [
-        (run_name(role, s, seeds), role,
-         dict(student, kd=kd, seed=s, max_steps=results[run_name("student_a2d", s, seeds)]["updates"]))
-        for s in seeds for role, kd in roles[:2]], plan.baseline_share)
+    # Update for update with that seed's A2D student; its plan when it failed.
+    matched = {s: results.get(run_name("student_a2d", s, seeds), {}).get("updates", updates) for s in seeds}
+    wave("baseline students", [(run_name(role, s, seeds), role, dict(student, kd=kd, seed=s, max_steps=matched[s]))
+                               for s in seeds for role, kd in roles[:2]], plan.baseline_share)
 
-    ordered = {n: results[n] for n in names}
+    ordered = {n: results[n] for n in names if n in results}
     print("\n" + results_table(ordered, seeds))
     print(f"\n[compare] total {(time.monotonic() - t_start) / 60:.1f} min; outputs in {run_dir}")
+    if failures:
+        print(f"[compare] {len(failures)} run(s) failed (see above); the table holds the others")
+        raise failures[0]
     return ordered
 
 
-def a2d_updates(plan: Plan, teacher: Mapping[str, float], budget: float, rounds: int) -> int:
+def a2d_updates(plan: Plan, teacher: Mapping[str, float], budget: float, workers: int, rounds: int) -> int:
     """The A2D students' update target: the plan's, or (``student_updates_from_teacher``)
-    the teacher's measured updates per second times each A2D run's time cap, at most the
-    plan's. ``rounds``: how many A2D runs follow each other in the wave."""
+    the teacher's measured updates per second, shared by the ``workers`` students that
+    train at once on the device, times each A2D run's time cap (``rounds`` runs follow
+    each other in the wave), at most the plan's. Sharing is taken to be even (a device
+    the teacher kept busy); on one it left idle the students reach the target early,
+    which costs time but keeps the schedule exact."""
     if not plan.student_updates_from_teacher:
         return plan.student_updates
     # Its loop stopped at the time cap; train_seconds also holds setup and validation.
     loop_s = min(teacher["train_seconds"], plan.teacher_share * budget)
-    rate = teacher["updates"] / max(loop_s, 1e-3)
+    rate = teacher["updates"] / max(loop_s, 1e-3) / workers
     updates = max(1, min(plan.student_updates, int(rate * plan.a2d_share * budget / rounds)))
-    print(f"[compare] teacher: {rate:.1f} updates/s; A2D students planned for {updates} updates")
+    print(f"[compare] teacher: {rate * workers:.1f} updates/s; A2D students ({workers} at a time) planned "
+          f"for {updates} updates")
     return updates
 
 
@@ -262,21 +271,24 @@ def _threads(workers: int) -> int:
     return max(1, cores // workers)
 
 
-def _run_jobs(configs: list, score: Mapping[str, object], workers: int) -> List[object]:
-    """Per config, in order, its result or the exception it raised: a failed job does not
-    stop the others. Several workers: spawned processes (CUDA cannot be forked), one job
-    each at a time."""
+def _run_jobs(configs: list, score: Mapping[str, object], workers: int) -> Iterator[Tuple[int, object]]:
+    """``(index, result or the exception it raised)`` per config, as each ends: a failed
+    job does not stop the others. Several workers: spawned processes (CUDA cannot be
+    forked), one job each at a time."""
     if workers == 1:
-        return [_outcome(train_and_score, cfg, score) for cfg in configs]
+        for i, cfg in enumerate(configs):
+            yield i, _outcome(train_and_score, cfg, score)
+        return
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(train_and_score, cfg, score) for cfg in configs]
-        return [_outcome(future.result) for future in futures]
+        futures = {pool.submit(train_and_score, cfg, score): i for i, cfg in enumerate(configs)}
+        for future in as_completed(futures):
+            yield futures[future], _outcome(future.result)
 
 
 def _outcome(fn, *args):
     try:
         return fn(*args)
-    except Exception as exc:  # noqa: BLE001 - reported per run, re-raised by the wave
+    except Exception as exc:  # noqa: BLE001 - reported per run, raised at the end
         return exc
 
 
@@ -309,8 +321,11 @@ def results_table(results: Mapping[str, dict], seeds: Sequence[int]) -> str:
     rows: List[str] = ["| model | " + ("seed | " if several else "") + "updates | train s | valid NLL | BLEU | chrF |",
                        "|---|" + ("---:|" if several else "") + "---:|---:|---:|---:|---:|"]
     for r in results.values():
+        updates = str(r["updates"])
+        if r.get("target_updates") and r["updates"] < r["target_updates"]:
+            updates += f" of {r['target_updates']}"  # stopped at its time cap first
         rows.append(f"| {r['label']} | " + (f"{r['seed']} | " if several else "")
-                    + f"{r['updates']} | {r['train_seconds']:.0f} | {r['valid_nll']:.3f} | "
+                    + f"{updates} | {r['train_seconds']:.0f} | {r['valid_nll']:.3f} | "
                     f"{r['bleu']:.2f} | {r['chrf']:.2f} |")
     summary = seed_summary(results, seeds)
     if summary:
