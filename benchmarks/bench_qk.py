@@ -3,12 +3,13 @@
     python benchmarks/bench_qk.py                      # GPU: T = 512 ... 65536, bf16
     python benchmarks/bench_qk.py --t-max 16384 --dtype fp32
     python benchmarks/bench_qk.py --smoke              # CPU: tiny T, reference backends
+    TRITON_INTERPRET=1 python benchmarks/bench_qk.py --smoke --backend triton   # CPU, the kernels
 
 Per T (batch 1; student 3 layers x 4 heads, teacher 6 x 4, head dim 64), forward +
 backward of:
 
 ``qk``    ``a2d_kl_qk(q, k, ...)``: the loss from queries and keys, nothing T*K-sized
-          in memory (Triton; the reference on the CPU).
+          in memory (``--backend``: Triton by default; the reference in ``--smoke``).
 ``map``   what a model must do to use the map-mode loss: materialize the probability
           maps ``softmax(q k^T * scale)`` of both models (as eager attention does, in the
           input dtype), then ``a2d_kl`` on them (the fused Triton kernel), gradients
@@ -18,10 +19,13 @@ backward of:
 
 Time (median, p20/p80 of CUDA-event timings, ``measure.time_call``) and peak memory
 above the inputs; an out-of-memory is recorded as ``oom`` and the contender is not run
-at larger T, nor after a call slower than ``--slow-s``. The ``map`` and ``qk`` losses are
-compared at every T both reach (``agree``: relative difference of the loss values).
-Output: table on stdout, ``qk_results.json`` (every number, device, versions, date),
-``qk_table.md`` and ``qk_sweep.png`` under ``--out``.
+at larger T, nor after a call slower than ``--slow-s``, nor when its next measurement
+would not fit in ``--budget-s``. Up to ``--check-t-max``, each loss (``qk``, ``map``) is
+also computed from fp32 copies of the inputs and compared with the float64 reference
+(``check``: relative error, next to the fp32 floor, the reference's own error in fp32;
+pass within 10x of it). Output: table on stdout,
+``qk_results.json`` (every number, device, versions, date) and ``qk_table.md``, both
+rewritten after every measurement, and ``qk_sweep.png`` at the end, under ``--out``.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import argparse
 import datetime as _dt
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 import measure  # noqa: E402
 
 CONTENDERS = ("qk", "map", "sdpa")
+CALLS_PER_MEASUREMENT = 9  # first call, warm-up, repeats, the memory call, the check
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MiB = 1024 * 1024
 
@@ -98,71 +104,91 @@ def sdpa_step(x) -> tuple:
     return torch.autograd.grad(out, [x["sq"], x["sk"], x["sv"]], torch.ones_like(out))
 
 
-def contender_steps(device: torch.device, smoke: bool) -> Dict[str, Callable]:
-    backend = "reference" if smoke else "triton"
+def contender_steps(backend: str) -> Dict[str, Callable]:
     return {"qk": loss_step(qk_loss(backend)), "map": loss_step(map_loss(backend)), "sdpa": sdpa_step}
 
 
-def unavailable(device: torch.device, smoke: bool) -> Optional[str]:
-    if smoke:
-        return None
-    if device.type != "cuda":
+def unavailable(device: torch.device, backend: str) -> Optional[str]:
+    if backend != "reference" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"the Triton kernels need a CUDA device, got {device}; use --smoke on the CPU"
     return None
 
 
-def run_sweep(args, device: torch.device) -> dict:
+def check_loss(name: str, backend: str, x: dict) -> dict:
+    """The contender's loss computed from fp32 copies of ``x`` against the float64
+    reference on the same queries and keys (``a2d_kl_qk``'s oracle): its relative error,
+    and the fp32 floor, the relative error of the reference itself run in fp32. A
+    map-mode loss is a small sum of KL terms of near-uniform distributions, so the floor
+    is far above fp32's epsilon and grows with T; the check passes within 10x of it."""
+    from a2d_kernels import a2d_kl_qk
+
+    def copy(dtype):
+        return {k: v.detach().to(dtype) for k, v in x.items()}
+
+    def reference(c):
+        return float(a2d_kl_qk(c["sq"], c["sk"], c["tq"], c["tk"], c["weight"], c["bias"], backend="reference"))
+
+    fn = qk_loss(backend) if name == "qk" else map_loss(backend)
+    with torch.no_grad():
+        x32 = copy(torch.float32)
+        got, floor = float(fn(x32)), reference(x32)
+        want = reference(copy(torch.float64))
+    scale = max(abs(want), 1e-30)
+    err, floor_err = abs(got - want) / scale, abs(floor - want) / scale
+    return {"check_rel_err": err, "check_floor": floor_err, "check_pass": err <= max(10 * floor_err, 1e-6)}
+
+
+def run_sweep(args, device: torch.device, on_record: Optional[Callable[[dict], None]] = None) -> dict:
+    """Every contender at every T, small T first. A contender is dropped for larger T after
+    an OOM, an error, a call slower than ``--slow-s``, or when its next measurement (about
+    4x its last, T doubling) would not end inside ``--budget-s``. ``on_record(result)``
+    is called after every measurement, so a run cut short leaves its results."""
     dtype = DTYPES[args.dtype]
-    steps = contender_steps(device, args.smoke)
-    records: List[dict] = []
+    steps = contender_steps(args.backend)
+    result = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "device": measure.device_summary(device), "smoke": args.smoke, "backend": args.backend,
+              "records": [], "largest_T": {}}
+    records = result["records"]
     stopped: Dict[str, str] = {}  # contender -> why it is not run at larger T
+    last_s: Dict[str, float] = {}  # contender -> seconds per call at the previous T
     start = time.monotonic()
-    t_values = [t for t in args.t_values if t <= args.t_max]
-    for T in t_values:
-        losses: Dict[str, float] = {}
+    for T in [t for t in args.t_values if t <= args.t_max]:
+        x = None
         for name in args.contenders:
             rec = {"contender": name, "T": T, "B": args.batch, "Cs": args.cs, "Ct": args.ct, "D": args.head_dim,
                    "dtype": args.dtype}
-            if name in stopped:
-                records.append({**rec, "status": f"skipped ({stopped[name]})"})
-                continue
-            if time.monotonic() - start > args.budget_s:
-                records.append({**rec, "status": "skipped (budget)"})
-                continue
-            x = None
-            try:
-                x = make_inputs(T, args.cs, args.ct, args.head_dim, args.batch, dtype, device)
-                if name != "sdpa":
-                    with torch.no_grad():
-                        fn = qk_loss if name == "qk" else map_loss
-                        losses[name] = float(fn("reference" if args.smoke else "triton")(x))
-                timing = measure.time_call(steps[name], [x], device, warmup=args.warmup, reps=args.reps,
-                                           min_reps=3, target_s=args.target_s)
-                peak = measure.peak_extra_bytes(steps[name], x, device)
-                rec.update(status="ok", **timing.to_dict(), peak_extra_bytes=peak)
-                if timing.median_ms > 1e3 * args.slow_s:
-                    stopped[name] = f"{timing.median_ms / 1e3:.1f} s per call at T={T}"
-            except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
-                if measure.is_oom(exc):
-                    rec["status"] = "oom"
-                    stopped[name] = f"oom at T={T}"
-                else:
-                    rec["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
-                    stopped[name] = f"error at T={T}"
-            finally:
-                del x
-                measure.free_memory(device)
+            left = args.budget_s - (time.monotonic() - start)
+            if name not in stopped and name in last_s and 4 * last_s[name] * CALLS_PER_MEASUREMENT > left:
+                stopped[name] = "budget"
+            if name in stopped or left <= 0:
+                rec["status"] = f"skipped ({stopped.get(name, 'budget')})"
+            else:
+                try:
+                    if x is None:  # once per T: every contender gets the same inputs
+                        x = make_inputs(T, args.cs, args.ct, args.head_dim, args.batch, dtype, device)
+                    if name != "sdpa" and T <= args.check_t_max:
+                        rec.update(check_loss(name, args.backend, x))
+                    timing = measure.time_call(steps[name], [x], device, warmup=args.warmup, reps=args.reps,
+                                               min_reps=3, target_s=args.target_s)
+                    peak = measure.peak_extra_bytes(steps[name], x, device)
+                    rec.update(status="ok", **timing.to_dict(), peak_extra_bytes=peak)
+                    last_s[name] = timing.median_ms / 1e3
+                    if last_s[name] > args.slow_s:
+                        stopped[name] = f"{last_s[name]:.1f} s per call at T={T}"
+                except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
+                    oom = measure.is_oom(exc)
+                    rec["status"] = "oom" if oom else f"error: {type(exc).__name__}: {str(exc)[:300]}"
+                    stopped[name] = f"{'oom' if oom else 'error'} at T={T}"
+                finally:
+                    measure.free_memory(device)
             records.append(rec)
+            result["largest_T"] = largest_t(records)
             print(_line(rec), flush=True)
-        if "qk" in losses and "map" in losses:
-            ref = abs(losses["map"]) or 1.0
-            agree = abs(losses["qk"] - losses["map"]) / ref
-            for rec in records:
-                if rec["T"] == T and rec["contender"] in ("qk", "map"):
-                    rec["agree"] = agree
-    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": measure.device_summary(device), "smoke": args.smoke, "records": records,
-            "largest_T": largest_t(records)}
+            if on_record is not None:
+                on_record(result)
+        del x
+        measure.free_memory(device)
+    return result
 
 
 def largest_t(records: List[dict]) -> Dict[str, Optional[int]]:
@@ -203,14 +229,18 @@ def markdown_table(result: dict) -> str:
         ok = a is not None and b is not None and a["status"] == b["status"] == "ok"
         return f"{a['median_ms'] / b['median_ms']:.2f}x" if ok else "-"
 
+    def check(r: Optional[dict]) -> str:
+        if r is None or "check_rel_err" not in r:
+            return "-"
+        return f"{r['check_rel_err']:.1e} (floor {r['check_floor']:.0e})" + ("" if r["check_pass"] else " FAIL")
+
     rows = ["| T | " + " | ".join(f"{n} (time / peak extra)" for n in names) + " | map / qk time | qk / sdpa time "
-            "| loss agree |", "|---:|" + "---:|" * (len(names) + 3)]
+            "| check qk / map (fp32 vs fp64) |", "|---:|" + "---:|" * (len(names) + 3)]
     for T in sorted(by_t):
         row = by_t[T]
-        agree = next((r["agree"] for r in row.values() if "agree" in r), None)
         rows.append(f"| {T} | " + " | ".join(cell(row.get(n)) for n in names)
                     + f" | {ratio(row.get('map'), row.get('qk'))} | {ratio(row.get('qk'), row.get('sdpa'))} | "
-                    + (f"{agree:.1e}" if agree is not None else "-") + " |")
+                    + f"{check(row.get('qk'))} / {check(row.get('map'))} |")
     largest = ", ".join(f"{n}: {t if t is not None else 'none'}" for n, t in result["largest_T"].items())
     return "\n".join(rows + ["", f"Largest T that ran: {largest}."])
 
@@ -252,6 +282,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<date>-<device>-qk)")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny T, reference backends (checks this script)")
+    p.add_argument("--backend", default=None, choices=["triton", "reference"],
+                   help="loss backend of qk and map (default: triton; reference with --smoke)")
+    p.add_argument("--check-t-max", type=int, default=1024, help="largest T checked against float64")
     p.add_argument("--t-max", type=int, default=65536)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--contenders", default=",".join(CONTENDERS))
@@ -269,6 +302,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [c for c in args.contenders if c not in CONTENDERS]
     if bad:
         p.error(f"--contenders: unknown {bad}; choose from {', '.join(CONTENDERS)}")
+    if args.backend is None:
+        args.backend = "reference" if args.smoke else "triton"
     if args.smoke:
         args.t_values, args.t_max, args.head_dim, args.dtype = [8, 16, 32], min(args.t_max, 32), 16, "fp32"
         args.cs, args.ct, args.warmup, args.reps, args.target_s = 4, 6, 1, 3, 0.05
@@ -277,25 +312,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def write_outputs(result: dict, out: Path) -> str:
+    """``qk_results.json`` and ``qk_table.md`` (whole files replaced, never half written)."""
+    table = markdown_table(result)
+    for name, text in (("qk_results.json", json.dumps(result, indent=1) + "\n"), ("qk_table.md", table + "\n")):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    return table
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    why = unavailable(device, args.smoke)
+    why = unavailable(device, args.backend)
     if why:
         print(f"bench_qk: {why}")
         return 2
-    result = run_sweep(args, device)
-    result["args"] = {k: v for k, v in vars(args).items()}
-    name = result["device"].get("device_name", "cpu").replace(" ", "-")
+    name = measure.device_summary(device).get("device_name", "cpu").replace(" ", "-")
     out = Path(args.out) if args.out else HERE / "results" / f"{_dt.date.today():%Y-%m-%d}-{name}-qk"
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(result)
-    (out / "qk_results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "qk_table.md").write_text(table + "\n")
+    settings = {k: v for k, v in vars(args).items()}
+
+    def save(result: dict) -> None:
+        write_outputs({**result, "args": settings}, out)
+
+    result = run_sweep(args, device, on_record=save)
+    table = write_outputs({**result, "args": settings}, out)
     png = plot(result, out / "qk_sweep.png")
     print("\n" + table)
     print(f"\nbench_qk: wrote {out / 'qk_results.json'}, {out / 'qk_table.md'}" + (f", {png}" if png else ""))
-    return 0
+    failed = [r for r in result["records"] if r.get("check_pass") is False]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -49,18 +49,29 @@ fi
 } > "$DEST/environment.txt"
 cat "$DEST/environment.txt"
 
-timeout -k 10 "${A2D_DEADLINE_S:-560}" "$PY" -m a2d_trainer.cli compare --plan release \
+# Keep results.* in $DEST current while it runs (a call cut at the tool's limit still
+# returns the waves that finished); the deadline counts from this script's start.
+copy_results() {
+  for f in results.md results.json; do
+    [ -f "$RUN/$f" ] && cp "$RUN/$f" "$DEST/$f.tmp" && mv "$DEST/$f.tmp" "$DEST/$f"
+  done
+}
+( while sleep 15; do copy_results; done ) &
+COPIER=$!
+left=$(( ${A2D_DEADLINE_S:-560} - SECONDS ))
+[ "$left" -lt 60 ] && left=60
+timeout -k 10 "$left" "$PY" -m a2d_trainer.cli compare --plan release \
   --run-dir "$RUN" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --device "${A2D_DEVICE:-cuda}" \
   --minutes "${A2D_MINUTES:-6}" --seeds "${A2D_SEEDS:-1,2,3}" --parallel "${A2D_PARALLEL:-6}" \
   --a2d-backend "${A2D_A2D_BACKEND:-auto}" ${A2D_EVAL_SENTENCES:+--eval-sentences "$A2D_EVAL_SENTENCES"}
 rc=$?
+kill "$COPIER" 2>/dev/null
 echo "gpu_train.sh: a2d-train compare exited with $rc (124: cut at the deadline)"
+copy_results
 
-for f in results.md results.json; do
-  [ -f "$RUN/$f" ] && cp "$RUN/$f" "$DEST/"
-done
-# Everything but checkpoints (hundreds of MB each) and the corpus copy.
-tar -czf "$DEST/runs.tar.gz" -C "$RUN" --exclude='*.pt' --exclude='./data' . 2>/dev/null \
-  || echo "gpu_train.sh: packing $RUN failed"
+# Everything but checkpoints (hundreds of MB each, finished or cut mid-write) and the corpus.
+tar -czf "$DEST/runs.tar.gz" -C "$RUN" --exclude='*.pt' --exclude='*.tmp' --exclude='./data' \
+  --warning=no-file-changed . 2>/dev/null
+[ $? -gt 1 ] && echo "gpu_train.sh: packing $RUN failed"
 [ -f "$DEST/results.md" ] && cat "$DEST/results.md"
 exit 0

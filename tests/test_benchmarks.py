@@ -234,25 +234,44 @@ def test_qk_sweep_smoke_writes_table_json_and_plot(tmp_path):
     ok = {(r["contender"], r["T"]) for r in result["records"] if r["status"] == "ok"}
     assert ok == {(c, t) for c in bench_qk.CONTENDERS for t in (8, 16, 32)}
     assert result["largest_T"] == {"qk": 32, "map": 32, "sdpa": 32}
-    # Both loss paths ran the same maps: they must agree.
-    assert all(r["agree"] < 1e-6 for r in result["records"] if r["contender"] in ("qk", "map"))
+    assert all("check_rel_err" in r for r in result["records"] if r["contender"] != "sdpa")
     assert "| 32 |" in (tmp_path / "qk_table.md").read_text()
     assert (tmp_path / "qk_sweep.png").stat().st_size > 0
+
+
+def test_qk_sweep_checks_the_kernels_against_float64(tmp_path, monkeypatch):
+    """The Triton QK and map losses (interpreted here) against the float64 reference; a
+    loss that is off fails the check and the command's exit status."""
+    args = ["--smoke", "--backend", "triton", "--t-max", "8", "--contenders", "qk,map"]
+    assert bench_qk.main(args + ["--out", str(tmp_path / "good")]) == 0
+    rows = json.loads((tmp_path / "good" / "qk_results.json").read_text())["records"]
+    assert [r["contender"] for r in rows] == ["qk", "map"] and all(r["check_pass"] for r in rows)
+    # The kernels are far more exact than the fp32 reference on these near-uniform maps.
+    assert all(r["check_rel_err"] < r["check_floor"] for r in rows)
+
+    real = bench_qk.qk_loss
+    monkeypatch.setattr(bench_qk, "qk_loss", lambda backend: (lambda x: 1.01 * real(backend)(x)))
+    assert bench_qk.main(args + ["--out", str(tmp_path / "bad")]) == 1
+    rows = json.loads((tmp_path / "bad" / "qk_results.json").read_text())["records"]
+    assert [r["check_pass"] for r in rows] == [False, True]
+    assert "FAIL" in (tmp_path / "bad" / "qk_table.md").read_text()
 
 
 def test_qk_sweep_records_oom_and_stops_that_contender(monkeypatch):
     """An out-of-memory is a result (the largest T a path handles), not a crash; the
     contender is not tried at larger T, the others go on."""
     args = bench_qk.parse_args(["--smoke"])
-    steps = bench_qk.contender_steps(torch.device("cpu"), smoke=True)
+    steps = bench_qk.contender_steps("reference")
 
     def map_oom_from_16(x):
         if x["sq"].shape[2] >= 16:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
         return steps["map"](x)
 
-    monkeypatch.setattr(bench_qk, "contender_steps", lambda device, smoke: {**steps, "map": map_oom_from_16})
-    result = bench_qk.run_sweep(args, torch.device("cpu"))
+    monkeypatch.setattr(bench_qk, "contender_steps", lambda backend: {**steps, "map": map_oom_from_16})
+    seen = []
+    result = bench_qk.run_sweep(args, torch.device("cpu"), on_record=lambda r: seen.append(len(r["records"])))
+    assert seen == list(range(1, 10))  # the results are handed out after every measurement
     status = {(r["contender"], r["T"]): r["status"] for r in result["records"]}
     assert status[("map", 8)] == "ok" and status[("map", 16)] == "oom"
     assert status[("map", 32)] == "skipped (oom at T=16)"
@@ -260,6 +279,18 @@ def test_qk_sweep_records_oom_and_stops_that_contender(monkeypatch):
     assert result["largest_T"]["map"] == 8
     table = bench_qk.markdown_table(result)
     assert "| 16 |" in table and "oom" in table and "Largest T that ran: qk: 32, map: 8, sdpa: 32." in table
+
+
+def test_qk_sweep_skips_a_measurement_that_would_not_fit_the_budget(monkeypatch):
+    args = bench_qk.parse_args(["--smoke", "--budget-s", "30"])
+    clock = iter(range(0, 10 ** 6, 1))
+    monkeypatch.setattr(bench_qk.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(bench_qk.measure, "time_call", lambda *a, **k: bench_qk.measure.summarize([1500.0]))
+    result = bench_qk.run_sweep(args, torch.device("cpu"))
+    status = {(r["contender"], r["T"]): r["status"] for r in result["records"]}
+    # 1.5 s a call at T=8: the next T would take about 4 x 1.5 s x 9 calls = 54 s > what is left.
+    assert status[("qk", 8)] == "ok" and status[("qk", 16)] == "skipped (budget)"
+    assert status[("qk", 32)] == "skipped (budget)"
 
 
 # ---------------------------------------------------------------- Python-side overhead
