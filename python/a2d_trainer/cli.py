@@ -19,6 +19,8 @@ import json
 import sys
 from typing import List, Optional
 
+from a2d_kernels.problem import BACKEND_NAMES
+
 from .compare import PLANS
 from .model import PRESETS
 
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decoder-cross", action="store_true", help="do not distill decoder cross-attention")
     p.add_argument("--a2d-mask", action="store_true", help="exclude padding from the A2D loss")
     p.add_argument("--a2d-normalize", default="map", choices=["map", "row"])
-    p.add_argument("--a2d-backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    p.add_argument("--a2d-backend", default="auto", choices=BACKEND_NAMES)
     p.add_argument("--a2d-qk", action="store_true",
                    help="QK mode: attention runs scaled_dot_product_attention and the A2D loss is computed "
                         "from queries and keys (no maps in memory); needs --a2d-mask, same loss")
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-lang", default="de")
     p.add_argument("--beam", type=int, default=4)
     p.add_argument("--eval-sentences", type=int, help="test sentences scored per model (default: the plan's)")
-    p.add_argument("--a2d-backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    p.add_argument("--a2d-backend", default="auto", choices=BACKEND_NAMES)
     p.add_argument("--device", default="auto")
     return parser
 

@@ -13,7 +13,7 @@ The pipeline behind ``a2d-train demo`` (tiny presets, one seed, CPU) and
 4. Score every model's best checkpoint (lowest validation NLL) on the test split with
    sacrebleu, inside the job that trained it, so the scoring runs in parallel too.
 
-``results.json`` and ``results.md`` are rewritten (atomically) after every wave, so a run
+``results.json`` and ``results.md`` are rewritten (atomically) as each run ends, so a run
 cut short still leaves what it finished. With several seeds the table ends with the mean
 and standard deviation per variant and the paired (same seed) A2D minus word-KD gap.
 """
@@ -43,24 +43,20 @@ VARIANT_LABELS = {"none": "no KD", "word": "word-KD", "a2d": "word-KD + A2D"}
 class Plan:
     """Presets, training options and the time split of one comparison.
 
-    ``training``: TrainConfig fields shared by every run. ``scaled_a2d_schedule``: tick the
-    attention-weight decay once per ``student_updates / 100`` updates (the release's
-    100-epoch schedule squeezed into the run) instead of once per epoch as released; a
-    run of a few hundred updates never leaves epoch 1-2 otherwise and keeps the weight
-    at 1 (README, "The trainer"). ``student_updates_from_teacher``: plan the A2D students'
-    updates (and so that schedule) from the teacher's measured rate, as many as it made
-    per second times the A2D wave's time cap, at most ``student_updates``; for a device
-    whose speed is not known in advance. A student update costs less than a teacher's,
-    concurrent students share the device: the plan errs either way, and the scaled
-    schedule is robust to it (past half of it the weight is below 0.01). Shares are
-    fractions of the training budget per wave.
+    ``training``: TrainConfig fields shared by every run. The A2D students tick the
+    attention-weight decay once per ``planned updates / 100`` (the release's 100-epoch
+    schedule squeezed into the run) instead of once per epoch as released: a run of a
+    few hundred updates never leaves epoch 1-2 otherwise and keeps the weight at 1
+    (README, "The trainer"). ``student_updates_from_teacher``: plan those updates from
+    the teacher's measured rate (:func:`a2d_updates`), at most ``student_updates``, for a
+    device whose speed is not known in advance. Shares are fractions of the training
+    budget per wave.
     """
 
     teacher_preset: str
     student_preset: str
     training: Mapping[str, object]
     student_updates: int
-    scaled_a2d_schedule: bool
     eval_sentences: int
     teacher_updates: int = 0  # 0: the teacher trains for its time share
     student_updates_from_teacher: bool = False
@@ -76,7 +72,7 @@ PLANS: Dict[str, Plan] = {
         teacher_preset="tiny-teacher", student_preset="tiny-student",
         training=dict(vocab_size=3000, max_len=64, max_tokens=2048, lr=1e-3, warmup_updates=100,
                       max_epochs=1000, log_every=10, save_every=0, clip_norm=1.0),
-        student_updates=360, scaled_a2d_schedule=True, eval_sentences=300),
+        student_updates=360, eval_sentences=300),
     # The release's models (6+6 teacher, 3+3 student, 4 heads, d=512, FFN 1024, dropout 0.3),
     # its batch size, learning rate and unclipped gradients, for a GPU run of minutes: a
     # short warm-up, and the release's schedule shape scaled to a run whose length is
@@ -85,7 +81,7 @@ PLANS: Dict[str, Plan] = {
         teacher_preset="teacher", student_preset="student",
         training=dict(vocab_size=8000, max_len=128, max_tokens=4096, lr=5e-4, warmup_updates=500,
                       max_epochs=1000, log_every=50, save_every=0, clip_norm=0.0),
-        student_updates=20000, scaled_a2d_schedule=True, student_updates_from_teacher=True, eval_sentences=500,
+        student_updates=20000, student_updates_from_teacher=True, eval_sentences=500,
         teacher_share=0.40, a2d_share=0.25, baseline_share=0.35),
 }
 
@@ -100,10 +96,7 @@ def label(plan: Plan, role: str) -> str:
         cfg = resolve_config(plan.teacher_preset)
         return f"teacher ({plan.teacher_preset}, {cfg.encoder_layers}+{cfg.decoder_layers})"
     kd = role.split("_", 1)[1]
-    text = f"student, {VARIANT_LABELS[kd]}"
-    if kd == "a2d":
-        text += " (scaled schedule)" if plan.scaled_a2d_schedule else " (release schedule)"
-    return text
+    return f"student, {VARIANT_LABELS[kd]}" + (" (scaled schedule)" if kd == "a2d" else "")
 
 
 def train_and_score(cfg, score: Mapping[str, object]) -> dict:
@@ -158,14 +151,17 @@ def run_comparison(plan: Plan, run_dir, minutes: float, seeds: Sequence[int] = (
     failures: List[Exception] = []
     planned: Dict[str, int] = {}  # the A2D students' update target, once known
 
+    def ordered() -> Dict[str, dict]:
+        return {n: results[n] for n in names if n in results}
+
     def save_results() -> None:
-        ordered = {n: results[n] for n in names if n in results}
+        done = ordered()
         atomic.write_text(run_dir / "results.json", json.dumps(
             {"plan": dataclasses.asdict(plan), "seeds": seeds, "a2d_planned_updates": planned.get("updates"),
              "corpus": info.counts, "beam": beam, "device": device, "a2d_backend": a2d_backend,
-             "results": ordered, "summary": seed_summary(ordered, seeds),
+             "results": done, "summary": seed_summary(done, seeds),
              "total_seconds": round(time.monotonic() - t_start, 1)}, indent=1) + "\n")
-        atomic.write_text(run_dir / "results.md", results_table(ordered, seeds) + "\n")
+        atomic.write_text(run_dir / "results.md", results_table(done, seeds) + "\n")
 
     def wave(title: str, jobs: List[tuple], share: float) -> None:
         """Run ``jobs`` ((name, role, TrainConfig kwargs)), ``parallel`` at a time, within
@@ -198,7 +194,7 @@ def run_comparison(plan: Plan, run_dir, minutes: float, seeds: Sequence[int] = (
                    teacher_preset=plan.teacher_preset)
     updates = planned["updates"] = a2d_updates(plan, results["teacher"], budget, min(parallel, len(seeds)),
                                                math.ceil(len(seeds) / parallel))
-    decay_every = updates / RELEASE_EPOCHS if plan.scaled_a2d_schedule else 0.0
+    decay_every = updates / RELEASE_EPOCHS
     wave("A2D students", [(run_name("student_a2d", s, seeds), "student_a2d",
                            dict(student, kd="a2d", seed=s, max_steps=updates,
                                 a2d_decay_every=decay_every, a2d_backend=a2d_backend)) for s in seeds],
@@ -208,13 +204,12 @@ def run_comparison(plan: Plan, run_dir, minutes: float, seeds: Sequence[int] = (
     wave("baseline students", [(run_name(role, s, seeds), role, dict(student, kd=kd, seed=s, max_steps=matched[s]))
                                for s in seeds for role, kd in roles[:2]], plan.baseline_share)
 
-    ordered = {n: results[n] for n in names if n in results}
-    print("\n" + results_table(ordered, seeds))
+    print("\n" + results_table(ordered(), seeds))
     print(f"\n[compare] total {(time.monotonic() - t_start) / 60:.1f} min; outputs in {run_dir}")
     if failures:
         print(f"[compare] {len(failures)} run(s) failed (see above); the table holds the others")
         raise failures[0]
-    return ordered
+    return ordered()
 
 
 def a2d_updates(plan: Plan, teacher: Mapping[str, float], budget: float, workers: int, rounds: int) -> int:
