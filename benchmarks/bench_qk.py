@@ -37,7 +37,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
@@ -114,25 +114,29 @@ def unavailable(device: torch.device, backend: str) -> Optional[str]:
     return None
 
 
-def check_loss(name: str, backend: str, x: dict) -> dict:
-    """The contender's loss computed from fp32 copies of ``x`` against the float64
-    reference on the same queries and keys (``a2d_kl_qk``'s oracle): its relative error,
-    and the fp32 floor, the relative error of the reference itself run in fp32. A
-    map-mode loss is a small sum of KL terms of near-uniform distributions, so the floor
-    is far above fp32's epsilon and grows with T; the check passes within 10x of it."""
+def reference_losses(x: dict) -> Tuple[float, float]:
+    """``(float64, fp32)`` losses of the reference (``a2d_kl_qk``'s oracle) on copies of
+    ``x``: the truth the checks compare with, and the fp32 floor."""
     from a2d_kernels import a2d_kl_qk
 
-    def copy(dtype):
-        return {k: v.detach().to(dtype) for k, v in x.items()}
-
-    def reference(c):
+    def loss(dtype):
+        c = {k: v.detach().to(dtype) for k, v in x.items()}
         return float(a2d_kl_qk(c["sq"], c["sk"], c["tq"], c["tk"], c["weight"], c["bias"], backend="reference"))
 
+    with torch.no_grad():
+        return loss(torch.float64), loss(torch.float32)
+
+
+def check_loss(name: str, backend: str, x: dict, reference: Tuple[float, float]) -> dict:
+    """The contender's loss computed from fp32 copies of ``x`` against the float64
+    reference (``reference_losses``): its relative error, and the fp32 floor, the
+    relative error of the reference itself run in fp32. A map-mode loss is a small sum
+    of KL terms of near-uniform distributions, so the floor is far above fp32's epsilon
+    and grows with T; the check passes within 10x of it."""
     fn = qk_loss(backend) if name == "qk" else map_loss(backend)
     with torch.no_grad():
-        x32 = copy(torch.float32)
-        got, floor = float(fn(x32)), reference(x32)
-        want = reference(copy(torch.float64))
+        got = float(fn({k: v.detach().float() for k, v in x.items()}))
+    want, floor = reference
     scale = max(abs(want), 1e-30)
     err, floor_err = abs(got - want) / scale, abs(floor - want) / scale
     return {"check_rel_err": err, "check_floor": floor_err, "check_pass": err <= max(10 * floor_err, 1e-6)}
@@ -153,7 +157,7 @@ def run_sweep(args, device: torch.device, on_record: Optional[Callable[[dict], N
     last_s: Dict[str, float] = {}  # contender -> seconds per call at the previous T
     start = time.monotonic()
     for T in [t for t in args.t_values if t <= args.t_max]:
-        x = None
+        x = reference = None  # built once per T: every contender gets the same inputs
         for name in args.contenders:
             rec = {"contender": name, "T": T, "B": args.batch, "Cs": args.cs, "Ct": args.ct, "D": args.head_dim,
                    "dtype": args.dtype}
@@ -164,10 +168,12 @@ def run_sweep(args, device: torch.device, on_record: Optional[Callable[[dict], N
                 rec["status"] = f"skipped ({stopped.get(name, 'budget')})"
             else:
                 try:
-                    if x is None:  # once per T: every contender gets the same inputs
+                    if x is None:
                         x = make_inputs(T, args.cs, args.ct, args.head_dim, args.batch, dtype, device)
                     if name != "sdpa" and T <= args.check_t_max:
-                        rec.update(check_loss(name, args.backend, x))
+                        if reference is None:
+                            reference = reference_losses(x)
+                        rec.update(check_loss(name, args.backend, x, reference))
                     timing = measure.time_call(steps[name], [x], device, warmup=args.warmup, reps=args.reps,
                                                min_reps=3, target_s=args.target_s)
                     peak = measure.peak_extra_bytes(steps[name], x, device)
@@ -332,7 +338,7 @@ def main(argv=None) -> int:
     name = measure.device_summary(device).get("device_name", "cpu").replace(" ", "-")
     out = Path(args.out) if args.out else HERE / "results" / f"{_dt.date.today():%Y-%m-%d}-{name}-qk"
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items()}
+    settings = dict(vars(args))
 
     def save(result: dict) -> None:
         write_outputs({**result, "args": settings}, out)
