@@ -466,18 +466,25 @@ def test_gpu_bf16_a2d_distillation_and_decoding(toy, tmp_path):
     assert scores["sentences"] == 5
 
 
-def test_demo_pipeline_runs_on_a_prebuilt_corpus(tmp_path, capsys):
-    """The demo's plumbing (stages, equal update counts, table, outputs) in seconds; the
-    corpus folder is prebuilt so the demo reuses it instead of scanning the machine."""
+def build_toy_corpus(out_dir: Path, scratch: Path) -> Path:
+    """A complete corpus folder at ``out_dir``, built by ``build_corpus`` from a generated
+    gettext catalog under ``scratch`` (so nothing scans the machine's catalogs)."""
     from test_trainer_data import write_mo
 
     from a2d_trainer.corpus import build_corpus
-    from a2d_trainer.demo import run_demo
 
     entries = [(f"The {a} {b} was removed", f"Der {c} {d} wurde entfernt")
                for a, c in zip(EN, DE) for b, d in zip(EN[:5], DE[:5])]
-    write_mo(tmp_path / "share" / "locale" / "de" / "LC_MESSAGES" / "toy.mo", entries)
-    build_corpus(tmp_path / "run" / "data", search_paths=[tmp_path / "share"], min_pairs=20)
+    write_mo(scratch / "share" / "locale" / "de" / "LC_MESSAGES" / "toy.mo", entries)
+    return build_corpus(out_dir, search_paths=[scratch / "share"], min_pairs=20).out_dir
+
+
+def test_demo_pipeline_runs_on_a_prebuilt_corpus(tmp_path, capsys):
+    """The demo's plumbing (stages, equal update counts, table, outputs) in seconds; the
+    corpus folder is prebuilt so the demo reuses it instead of scanning the machine."""
+    from a2d_trainer.demo import run_demo
+
+    build_toy_corpus(tmp_path / "run" / "data", tmp_path)
     results = run_demo(tmp_path / "run", minutes=0.03, beam=1, eval_sentences=3, progress=False)
     assert list(results) == ["teacher", "student_none", "student_word", "student_a2d"]
     assert results["student_none"]["updates"] <= results["student_a2d"]["updates"]

@@ -9,20 +9,13 @@ import pytest
 from a2d_trainer import cli
 from a2d_trainer.compare import PLANS, results_table, run_comparison, seed_summary
 
-from test_trainer import DE, EN
+from test_trainer import build_toy_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from test_trainer_data import write_mo
-
-    from a2d_trainer.corpus import build_corpus
-
     root = tmp_path_factory.mktemp("compare")
-    entries = [(f"The {a} {b} was removed", f"Der {c} {d} wurde entfernt")
-               for a, c in zip(EN, DE) for b, d in zip(EN[:5], DE[:5])]
-    write_mo(root / "share" / "locale" / "de" / "LC_MESSAGES" / "toy.mo", entries)
-    return build_corpus(root / "data", search_paths=[root / "share"], min_pairs=20).out_dir
+    return build_toy_corpus(root / "data", root)
 
 
 MICRO = dataclasses.replace(
