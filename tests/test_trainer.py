@@ -291,21 +291,28 @@ def _params(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _train_losses(log):
-    return [(r["step"], r["loss"]) for r in map(json.loads, Path(log).read_text().splitlines())
-            if r["kind"] == "train"]
+def _log(path, kind):
+    return [r for r in map(json.loads, Path(path).read_text().splitlines()) if r["kind"] == kind]
+
+
+def _curve(path):
+    """The train records without their timings (which differ between any two runs)."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in _log(path, "train")]
 
 
 def test_resume_continues_exactly(toy, tmp_path):
     """4 updates straight == 2 updates, stop, resume, 2 more (an A2D student with
-    dropout: exercises RNG, optimizer, schedule, mixers and the data position)."""
+    dropout: exercises RNG, optimizer, schedule, mixers and the data position), and the
+    log holds the same train records: the stop falls between two log points
+    (log_every=3), so the updates since the last record travel in the checkpoint."""
     from a2d_trainer.train import train
 
-    kw = dict(preset="micro-student", kd="a2d", teacher=str(toy["teacher"]), a2d_backend="reference")
+    kw = dict(preset="micro-student", kd="a2d", teacher=str(toy["teacher"]), a2d_backend="reference", log_every=3)
     train(train_config(toy["data"], tmp_path / "straight", max_steps=4, **kw))
     train(train_config(toy["data"], tmp_path / "split", max_steps=2, **kw))
     first = _params(tmp_path / "split" / "checkpoint_last.pt")
     assert first["step"] == 2 and first["batch_index"] > 0  # stopped mid-epoch
+    assert [(r["step"], r.get("partial")) for r in _log(tmp_path / "split" / "log.jsonl", "train")] == [(2, True)]
     # As if killed after logging update 3 but before checkpointing it (the last line
     # torn): the resumed run redoes update 3, and its log must not hold it twice.
     with open(tmp_path / "split" / "log.jsonl", "a", encoding="utf-8") as f:
@@ -318,8 +325,53 @@ def test_resume_continues_exactly(toy, tmp_path):
         assert a[name].keys() == b[name].keys()
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), f"{name}.{key} differs after resume"
-    assert _train_losses(tmp_path / "straight" / "log.jsonl") == _train_losses(tmp_path / "split" / "log.jsonl")
+    straight = _curve(tmp_path / "straight" / "log.jsonl")
+    assert [(r["step"], r.get("partial")) for r in straight] == [(3, None), (4, True)]
+    assert straight == _curve(tmp_path / "split" / "log.jsonl")
     assert (tmp_path / "split" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Resuming a finished run with the same limit does nothing (no extra update, no save).
+    before = (tmp_path / "split" / "checkpoint_last.pt").read_bytes()
+    summary = train(train_config(toy["data"], tmp_path / "split", max_steps=4, resume=True, **kw))
+    assert summary["steps"] == 4 and summary["stop_reason"] == "max_steps"
+    assert (tmp_path / "split" / "checkpoint_last.pt").read_bytes() == before
+
+
+def test_resume_refuses_changed_settings(toy, tmp_path):
+    """A resume must continue the same run: a setting that shapes the trajectory (data
+    order, updates, objective) differing from the checkpoint's is a clear error naming
+    it; limits may change."""
+    from a2d_trainer.train import train
+
+    kw = dict(preset="micro-student", kd="a2d", teacher=str(toy["teacher"]), a2d_backend="reference")
+    run = tmp_path / "run"
+    train(train_config(toy["data"], run, max_steps=1, **kw))
+    with pytest.raises(ValueError, match=r"started with max_tokens=300, alpha=0\.5, this call sets "
+                                         r"max_tokens=200, alpha=0\.9"):
+        train(train_config(toy["data"], run, max_steps=2, resume=True, **dict(kw, max_tokens=200, alpha=0.9)))
+    with pytest.raises(ValueError, match="started with decoder_self=True, this call sets decoder_self=False"):
+        train(train_config(toy["data"], run, max_steps=2, resume=True, decoder_self=False, **kw))
+    assert train(train_config(toy["data"], run, max_steps=2, resume=True, **kw))["steps"] == 2
+
+
+def test_validation_records_name_the_epoch_they_close(toy, tmp_path):
+    from a2d_trainer.train import train
+
+    run = tmp_path / "run"
+    train(train_config(toy["data"], run, preset="micro-student", max_epochs=2))
+    train_records, valid = _log(run / "log.jsonl", "train"), _log(run / "log.jsonl", "valid")
+    assert [r["epoch"] for r in valid] == [1, 2]
+    last_of_epoch = {r["epoch"]: r["step"] for r in train_records}
+    assert [r["step"] for r in valid] == [last_of_epoch[1], last_of_epoch[2]]
+
+
+def test_a_batch_budget_error_names_the_line_and_leaves_no_run(toy, tmp_path):
+    from a2d_trainer.train import train
+
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"train\.src:1: the pair spans \d+ positions, more than max_tokens=5"):
+        train(train_config(toy["data"], run, max_tokens=5, max_steps=1))
+    assert not run.exists()
 
 
 def test_a2d_decay_clock_per_updates(toy, tmp_path):

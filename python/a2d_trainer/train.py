@@ -46,6 +46,13 @@ from .model import ModelConfig, Seq2SeqTransformer, build_model, resolve_config
 from .objective import KD_MODES, DistillationObjective, label_smoothed_nll_sum
 
 CHECKPOINT_FORMAT = "a2d-train-checkpoint/1"
+# TrainConfig fields that shape the run's trajectory (data order, updates, objective):
+# a resume must keep them, or it would silently continue a different run. The others
+# (limits, logging, device, backend, paths) may change between invocations.
+RESUME_FIXED_FIELDS = ("seed", "max_len", "max_tokens", "update_freq", "lr", "warmup_updates",
+                       "warmup_init_lr", "weight_decay", "clip_norm", "label_smoothing", "dropout", "amp",
+                       "kd", "alpha", "beta", "decay", "a2d_decay_every", "decoder_self", "decoder_cross",
+                       "a2d_mask", "a2d_normalize", "a2d_qk")
 TOKENIZER_FILE = "spm.model"
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
@@ -340,19 +347,24 @@ class _Logger:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop the records of updates after ``step`` (the checkpoint resumed from).
+    """Drop the records of updates after ``step`` (the checkpoint resumed from), and the
+    partial train records a stop wrote.
 
     A run killed between two checkpoints has logged updates that the resumed run
-    does again; without this the log (and its plot) would hold them twice.
+    does again; without this the log (and its plot) would hold them twice. A stop
+    between two log points writes a record over the updates since the last one; the
+    checkpoint keeps those updates' sums, so the resumed run writes the full record at
+    the next log point, as an uninterrupted run would.
     """
     if not path.is_file():
         return
 
     def before(line: str) -> bool:
         try:
-            return json.loads(line).get("step", 0) <= step
+            record = json.loads(line)
         except ValueError:  # a line torn by the kill
             return False
+        return record.get("step", 0) <= step and not record.get("partial", False)
 
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = [line for line in lines if before(line)]
@@ -418,7 +430,7 @@ def validate(module: _StudentStep, batches, ctx: DistContext, amp: str) -> Dict[
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; return a summary (steps, epoch, best validation NLL, paths)."""
     from .corpus import read_parallel
-    from .data import batches_by_tokens, encode_pairs
+    from .data import batches_by_tokens, check_token_budget, encode_pairs
 
     cfg.validate()
     if cfg.threads:
@@ -427,13 +439,13 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     ctx = setup_distributed(cfg.device)
     try:
-        return _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs)
+        return _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token_budget)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
 
 
-def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
+def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token_budget) -> dict:
     # Check every input (data, teacher) before the first file is written.
     data_dir = Path(cfg.data_dir)
     train_pairs = read_parallel(data_dir / "train.src", data_dir / "train.tgt")
@@ -445,16 +457,23 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
     if not cfg.resume and (run_dir / LAST).exists():
         raise ValueError(f"run_dir {run_dir} already holds a run ({LAST}); resume it (--resume) "
                          f"or choose another run_dir")
+    # The tokenizer needs a home before the data can be checked against the token
+    # budget; a run folder this call created is removed again if that check fails.
+    created = ctx.is_main and not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = _prepare_tokenizer(cfg, ctx, train_pairs, cfg.teacher if cfg.kd != "none" else None)
-    if teacher is not None and teacher.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"teacher {cfg.teacher} has a {teacher.vocab_size}-piece vocabulary but the "
-                         f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size}; distill with the teacher's tokenizer")
-    train_data = encode_pairs(train_pairs, tokenizer, cfg.max_len)
-    valid_data = encode_pairs(valid_pairs, tokenizer, cfg.max_len)
-    if not train_data:
-        raise ValueError(f"{data_dir}/train.src: no training pair survives max_len={cfg.max_len}")
+    try:
+        tokenizer = _prepare_tokenizer(cfg, ctx, train_pairs, cfg.teacher if cfg.kd != "none" else None)
+        if teacher is not None and teacher.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"teacher {cfg.teacher} has a {teacher.vocab_size}-piece vocabulary but the tokenizer "
+                             f"{cfg.tokenizer} has {tokenizer.vocab_size}; distill with the teacher's tokenizer")
+        train_data = encode_pairs(train_pairs, tokenizer, cfg.max_len)
+        valid_data = encode_pairs(valid_pairs, tokenizer, cfg.max_len)
+        for split, data in (("train", train_data), ("valid", valid_data)):
+            check_token_budget(data, cfg.max_tokens, f"{data_dir / split}.src")
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
     # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     seed_everything(cfg.seed)
@@ -485,6 +504,7 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
 
     epoch, batch_index, step, best_valid = 1, 0, 0, float("inf")
     last_path, best_path = run_dir / LAST, run_dir / BEST
+    window = _Window()  # the updates since the last train record; checkpointed with the run
     resumed = False
     if cfg.resume and last_path.is_file():
         ckpt = read_checkpoint(last_path)
@@ -494,15 +514,25 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
                              f"preset {cfg.preset!r} is {model_config.architecture()}")
         if ckpt["kd"] != cfg.kd:
             raise ValueError(f"cannot resume {last_path}: it was trained with kd={ckpt['kd']!r}, not {cfg.kd!r}")
-        student.load_state_dict(ckpt["model"])
-        objective.load_state_dict(ckpt["objective"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        changed = _changed_fields(ckpt.get("train_config"), cfg)
+        if changed:
+            raise ValueError(f"cannot resume {last_path}: the run was started with "
+                             f"{', '.join(f'{k}={old!r}' for k, old, _ in changed)}, this call sets "
+                             f"{', '.join(f'{k}={new!r}' for k, _, new in changed)}; resume with the run's "
+                             f"settings or start a new run_dir")
+        try:
+            student.load_state_dict(ckpt["model"])
+            objective.load_state_dict(ckpt["objective"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(f"cannot resume {last_path}: its state does not fit this run: {exc}") from exc
         epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
         best_valid = ckpt["best_valid"]
         rng = ckpt["rng"]
         if len(rng) == ctx.world_size:
             restore_rng(rng[ctx.rank])
+            window.load_state(ckpt.get("log_window", [None] * ctx.world_size)[ctx.rank])
         else:  # a different process count cannot replay the same random streams
             seed_everything(cfg.seed + 1000 * step + ctx.rank)
         resumed = True
@@ -523,19 +553,21 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
                   "train_pairs": len(train_data), "valid_pairs": len(valid_data)})
 
     def save(path: Path, next_epoch: int, next_batch: int) -> None:
-        rng = [capture_rng()]
+        mine = (capture_rng(), window.state())  # per rank: its random streams and unlogged sums
+        per_rank = [mine]
         if ctx.world_size > 1:
-            rng = [None] * ctx.world_size
-            dist.all_gather_object(rng, capture_rng())
+            per_rank = [None] * ctx.world_size
+            dist.all_gather_object(per_rank, mine)
         if not ctx.is_main:
             return
+        rng, log_window = [r for r, _ in per_rank], [w for _, w in per_rank]
         atomic.torch_save({
             "format": CHECKPOINT_FORMAT, "model_config": model_config.to_dict(), "preset": cfg.preset,
             "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "tokenizer": TOKENIZER_FILE,
             "kd": cfg.kd, "model": student.state_dict(), "objective": objective.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
             "epoch": next_epoch, "batch_index": next_batch, "step": step, "best_valid": best_valid,
-            "train_config": dataclasses.asdict(cfg),
+            "log_window": log_window, "train_config": dataclasses.asdict(cfg),
         }, path)
 
     # Every validation sentence counts (equal_shards=False): validate() meets the other
@@ -543,7 +575,15 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
     valid_batches = batches_by_tokens(valid_data, cfg.max_tokens, shuffle=False, seed=cfg.seed, epoch=1,
                                       rank=ctx.rank, world_size=ctx.world_size, equal_shards=False)
 
+    def log_train(a2d_epoch: int, partial: bool = False) -> None:
+        """The train record of the updates since the last one. ``partial``: a stop between
+        two log points; the window is kept (and checkpointed) so a resume completes it."""
+        record = {"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                  **_a2d_weight(objective, a2d_epoch), **window.flush(ctx, reset=not partial)}
+        logger.write(dict(record, partial=True) if partial else record)
+
     def run_validation(next_epoch: int, next_batch: int) -> None:
+        """Validate after the updates of epoch ``epoch``; checkpoint the position after them."""
         nonlocal best_valid
         scores = validate(module, valid_batches, ctx, cfg.amp)
         logger.write({"kind": "valid", "step": step, "epoch": epoch, **scores})
@@ -555,12 +595,15 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
             plot_learning_curves(run_dir / "log.jsonl", run_dir / "learning_curves.png")
 
     start = time.monotonic()
-    window = _Window()
     stop_reason = None
     module.train()
     while stop_reason is None:
+        # Checked before any update too: resuming a finished run does nothing.
         if cfg.max_epochs and epoch > cfg.max_epochs:
             stop_reason = "max_epochs"
+            break
+        if cfg.max_steps and step >= cfg.max_steps:
+            stop_reason = "max_steps"
             break
         batches = batches_by_tokens(train_data, cfg.max_tokens, shuffle=True, seed=cfg.seed, epoch=epoch,
                                     rank=ctx.rank, world_size=ctx.world_size)
@@ -577,8 +620,7 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{window.tokens_per_s():.0f}")
             if step % cfg.log_every == 0:
-                logger.write({"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                              **_a2d_weight(objective, a2d_epoch), **window.flush(ctx)})
+                log_train(a2d_epoch)
             if cfg.save_every and step % cfg.save_every == 0:
                 save(last_path, epoch, batch_index)
             stop_reason = _should_stop(cfg, ctx, step, start)
@@ -587,19 +629,28 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs) -> dict:
         if bar is not None:
             bar.close()
         if stop_reason is None:  # the epoch is complete
+            run_validation(epoch + 1, 0)
             epoch, batch_index = epoch + 1, 0
-            run_validation(epoch, 0)
         else:
-            if batch_index >= len(batches):
-                epoch, batch_index = epoch + 1, 0
             if window.updates:
-                logger.write({"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                              **window.flush(ctx)})
-            run_validation(epoch, batch_index)
+                log_train(a2d_epoch, partial=True)
+            if batch_index >= len(batches):
+                run_validation(epoch + 1, 0)
+                epoch, batch_index = epoch + 1, 0
+            else:
+                run_validation(epoch, batch_index)
     logger.write({"kind": "stop", "reason": stop_reason, "step": step, "epoch": epoch,
                   "seconds": round(time.monotonic() - start, 2)})
     return {"steps": step, "epoch": epoch, "best_valid_nll": best_valid, "stop_reason": stop_reason,
             "checkpoint": str(last_path), "best_checkpoint": str(best_path), "run_dir": str(run_dir)}
+
+
+def _changed_fields(stored: Optional[dict], cfg: TrainConfig) -> List[Tuple[str, object, object]]:
+    """``(field, stored value, new value)`` for each RESUME_FIXED_FIELDS entry that differs."""
+    if stored is None:
+        return []
+    now = dataclasses.asdict(cfg)
+    return [(k, stored[k], now[k]) for k in RESUME_FIXED_FIELDS if k in stored and stored[k] != now[k]]
 
 
 def _a2d_weight(objective, a2d_epoch: int) -> dict:
@@ -674,10 +725,22 @@ class _Window:
         for k, v in stats["sums"].items():
             self.sums[k] = self.sums.get(k, 0.0) + v
 
+    def state(self) -> dict:
+        return {"updates": self.updates, "tokens": self.tokens, "seconds": self.seconds, "loss": self.loss,
+                "sums": dict(self.sums)}
+
+    def load_state(self, state: Optional[dict]) -> None:
+        """Continue from ``state()``; None (a checkpoint from before windows were saved): empty."""
+        self.reset()
+        if state:
+            self.updates, self.tokens, self.seconds, self.loss = (
+                state["updates"], state["tokens"], state["seconds"], state["loss"])
+            self.sums = dict(state["sums"])
+
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
-    def flush(self, ctx: DistContext) -> dict:
+    def flush(self, ctx: DistContext, reset: bool = True) -> dict:
         keys = sorted(self.sums)
         reduced = ctx.all_reduce_sum([self.loss, float(self.tokens)] + [self.sums[k] for k in keys])
         loss, tokens, values = reduced[0], reduced[1], reduced[2:]
@@ -686,7 +749,8 @@ class _Window:
         for k, v in zip(keys, values):
             # per token for the CE/KD sums; the attention term is a per-batch sum already
             record[k] = v / self.updates if k.startswith("attn") else v / max(tokens, 1.0)
-        self.reset()
+        if reset:
+            self.reset()
         return record
 
 
