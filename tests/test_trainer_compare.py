@@ -113,3 +113,20 @@ def test_a2d_update_target_from_the_teachers_rate():
     assert a2d_updates(release, teacher, budget, workers=1, rounds=2) == 750  # two runs one after the other
     assert a2d_updates(release, {"updates": 10 ** 6, "train_seconds": 240.0}, budget, 1, 1) == release.student_updates
     assert a2d_updates(PLANS["demo"], teacher, budget, 3, 1) == 360  # a fixed plan
+
+
+def test_a_rerun_never_shows_the_previous_table(corpus, tmp_path, monkeypatch):
+    from a2d_trainer import compare
+
+    def failing(cfg, score):
+        raise ValueError("teacher failed")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("results.json", "results.md"):
+        (run / name).write_text("a previous comparison's table")
+    monkeypatch.setattr(compare, "train_and_score", failing)
+    with pytest.raises(ValueError, match="teacher failed"):
+        run_comparison(MICRO, run, minutes=1.0, seeds=[1], data_dir=corpus, progress=False)
+    for name in ("results.json", "results.md"):
+        assert "previous" not in ((run / name).read_text() if (run / name).exists() else "")

@@ -267,6 +267,12 @@ def test_interrupted_build_leaves_no_complete_looking_corpus(tmp_path, monkeypat
     with pytest.raises(CorpusError, match="no complete corpus here"):
         load_corpus_info(out)
     assert not list(out.glob(".*tmp"))
+    # train/valid now come from two builds: the split files are refused as well
+    with pytest.raises(CorpusError, match="corpus build into this folder did not finish"):
+        read_parallel(out / "valid.src", out / "valid.tgt")
+    monkeypatch.undo()
+    build_corpus(out, search_paths=[root], min_pairs=5)  # a finished build clears the mark
+    assert read_parallel(out / "valid.src", out / "valid.tgt")
 
 
 def test_too_few_pairs_says_how_many_and_where(tmp_path):
@@ -330,6 +336,15 @@ def test_read_parallel_errors_name_file_and_line(tmp_path):
     with pytest.raises(CorpusError, match=r"bad\.tgt:3: invalid UTF-8 \(invalid continuation byte at byte 3"):
         read_parallel(write_bytes(tmp_path / "ok.src", b"a\nb\nc\n"), bad)
 
+
+
+def test_translation_input_keeps_empty_lines_and_drops_the_bom(tmp_path):
+    from a2d_trainer.translate import read_sentences
+
+    path = write_bytes(tmp_path / "in.txt", "\ufeffHello\r\n\nBye\n".encode())
+    assert read_sentences(path) == ["Hello", "", "Bye"]
+    with pytest.raises(CorpusError, match=r"bad\.txt:2: invalid UTF-8"):
+        read_sentences(write_bytes(tmp_path / "bad.txt", b"ok\n\xff\n"))
 
 # ---------------------------------------------------------------------------------------------
 # tokenizer

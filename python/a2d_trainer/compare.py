@@ -144,6 +144,8 @@ def run_comparison(plan: Plan, run_dir, minutes: float, seeds: Sequence[int] = (
         if (run_dir / name).is_dir():
             print(f"[compare] removing the previous {run_dir / name}")
             shutil.rmtree(run_dir / name)
+    for stale in ("results.json", "results.md"):  # a previous run's table must not pass for this one's
+        (run_dir / stale).unlink(missing_ok=True)
 
     common = dict(plan.training, data_dir=str(info.out_dir), device=device)
     score = dict(beam=beam, limit=plan.eval_sentences if eval_sentences is None else eval_sentences)

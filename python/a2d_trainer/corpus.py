@@ -53,7 +53,7 @@ import site
 import struct
 import sys
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from .atomic import write_text
@@ -69,9 +69,9 @@ __all__ = [
     "default_search_paths",
     "extract_pairs",
     "find_catalogs",
-    "iter_texts",
     "load_corpus_info",
     "read_mo",
+    "read_lines",
     "read_parallel",
     "split_of",
     "strip_accelerators",
@@ -79,6 +79,9 @@ __all__ = [
 
 SPLITS = ("train", "valid", "test")
 MANIFEST = "corpus.json"
+# Present while build_corpus replaces a folder's files: a build cut short leaves it, and
+# read_parallel refuses such a folder (its splits may come from two different builds).
+BUILDING = ".corpus-building"
 
 MIN_WORDS = 3
 MAX_WORDS = 60
@@ -435,7 +438,9 @@ def build_corpus(out_dir: str | os.PathLike, target_lang: str = "de", source_lan
     ``out_dir/{train,valid,test}.{src,tgt}`` plus a ``corpus.json`` manifest.
 
     The manifest is removed first and written last, each file is replaced atomically, so a
-    folder with a manifest always holds a complete corpus (``load_corpus_info`` checks it).
+    folder with a manifest always holds a complete corpus (``load_corpus_info`` checks it);
+    a ``.corpus-building`` marker stands while the files are replaced, so a build cut short
+    is refused by ``read_parallel`` rather than read as a mix of two builds.
     Raises CorpusError, saying how many pairs were found and where it looked, when fewer than
     ``min_pairs`` remain after filtering.
     """
@@ -460,6 +465,8 @@ def build_corpus(out_dir: str | os.PathLike, target_lang: str = "de", source_lan
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / MANIFEST
+    marker = out_dir / BUILDING
+    marker.touch()
     manifest.unlink(missing_ok=True)
     files = _split_files(out_dir)
     for split, (src_path, tgt_path) in files.items():
@@ -471,6 +478,7 @@ def build_corpus(out_dir: str | os.PathLike, target_lang: str = "de", source_lan
         catalogs=tuple(str(c) for c in catalogs), search_paths=tuple(str(r) for r in roots),
         stats=stats, skipped_catalogs=tuple(skipped_catalogs))
     write_text(manifest, json.dumps(info.to_json(), indent=1, ensure_ascii=False) + "\n")
+    marker.unlink()
     return info
 
 
@@ -493,9 +501,16 @@ def load_corpus_info(out_dir: str | os.PathLike) -> CorpusInfo:
 # reading parallel text
 
 
-def _read_lines(path: Path, side: str) -> list[str]:
+def read_lines(path: str | os.PathLike, what: str, allow_empty: bool = False) -> list[str]:
+    """The lines of a UTF-8 text file (a leading BOM and CR line ends tolerated).
+
+    ``what`` names the file in errors ("source", "input"). Raises FileNotFoundError for a
+    missing file and CorpusError naming ``file:line`` for undecodable bytes, or for an
+    empty line unless ``allow_empty``.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{side} file {path}: no such file")
+        raise FileNotFoundError(f"{what} file {path}: no such file")
     data = path.read_bytes()
     raw = data.split(b"\n")
     if raw and raw[-1] == b"":
@@ -508,7 +523,7 @@ def _read_lines(path: Path, side: str) -> list[str]:
             raise CorpusError(
                 f"{path}:{number}: invalid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
         text = text.rstrip("\r")
-        if not text.strip():
+        if not allow_empty and not text.strip():
             raise CorpusError(f"{path}:{number}: empty line (every line must hold a sentence)")
         lines.append(text)
     return lines
@@ -522,18 +537,15 @@ def read_parallel(src_path: str | os.PathLike, tgt_path: str | os.PathLike) -> l
     counts differ.
     """
     src_path, tgt_path = Path(src_path), Path(tgt_path)
-    src = _read_lines(src_path, "source")
-    tgt = _read_lines(tgt_path, "target")
+    for folder in {src_path.parent, tgt_path.parent}:
+        if (folder / BUILDING).exists():
+            raise CorpusError(f"{folder}: a corpus build into this folder did not finish ({BUILDING} is "
+                              f"there; its splits may come from two builds); build the corpus again")
+    src = read_lines(src_path, "source")
+    tgt = read_lines(tgt_path, "target")
     if len(src) != len(tgt):
         shorter, line = (src_path, len(src) + 1) if len(src) < len(tgt) else (tgt_path, len(tgt) + 1)
         raise CorpusError(
             f"unequal line counts: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)}; "
             f"{shorter} ends before line {line}")
     return list(zip(src, tgt))
-
-
-def iter_texts(pairs: Iterable[tuple[str, str]]) -> Iterator[str]:
-    """Both sides of each pair, for training the shared tokenizer."""
-    for src, tgt in pairs:
-        yield src
-        yield tgt

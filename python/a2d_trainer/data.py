@@ -180,6 +180,20 @@ def _cost(item: tuple[Sequence[int], Sequence[int]]) -> int:
     return max(len(item[0]), len(item[1])) + 1
 
 
+def check_token_budget(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], max_tokens: int,
+                       source: str) -> None:
+    """Raise naming ``source:line`` for the first pair longer than a ``max_tokens`` batch.
+
+    ``encoded[i]`` is line ``i + 1`` of ``source`` (``encode_pairs`` cuts, never drops), so
+    a budget error can point at the sentence instead of an index.
+    """
+    for number, item in enumerate(encoded, start=1):
+        cost = _cost(item)
+        if cost > max_tokens:
+            raise ValueError(f"{source}:{number}: the pair spans {cost} positions, more than "
+                             f"max_tokens={max_tokens}; raise max_tokens or lower max_len")
+
+
 def batches_by_tokens(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], max_tokens: int,
                       shuffle: bool, seed: int, epoch: int, rank: int = 0, world_size: int = 1, *,
                       equal_shards: bool = True, pad_id: int = PAD_ID, bos_id: int = BOS_ID,

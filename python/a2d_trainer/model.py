@@ -155,11 +155,6 @@ class Attention(nn.Module):
         """``q (B,H,T,d)``, ``k (B,H,K,d)``: projected and split, not yet scaled."""
         return self._split(self.q_proj(query)), self._split(self.k_proj(key_value))
 
-    def scores(self, query: torch.Tensor, key_value: torch.Tensor,
-               key_padding_mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
-        """Masked logits ``QK^T * scale`` of shape (B, H, T, K); masked entries are -inf."""
-        return self._masked_scores(*self.queries_keys(query, key_value), key_padding_mask, causal)
-
     def _masked_scores(self, q, k, key_padding_mask, causal) -> torch.Tensor:
         scores = (q * self.scale) @ k.transpose(-1, -2)
         if causal:

@@ -110,10 +110,6 @@ class DistillationObjective(nn.Module):
         self.a2d_qk = a2d_qk
 
     @property
-    def needs_teacher(self) -> bool:
-        return self.kd != "none"
-
-    @property
     def needs_attention(self) -> bool:
         return self.kd == "a2d"
 

@@ -133,22 +133,11 @@ def beam_search(model: Seq2SeqTransformer, src: torch.Tensor, src_padding_mask: 
 
 
 def read_sentences(path) -> List[str]:
-    """Lines of a UTF-8 file to translate; an error names ``file:line`` for bad bytes."""
-    from pathlib import Path
+    """Lines of a UTF-8 file to translate (empty lines kept: they translate to empty lines);
+    an error names ``file:line`` for bad bytes."""
+    from .corpus import read_lines
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path}: no such file")
-    lines = path.read_bytes().split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            out.append(line.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}:{number}: invalid UTF-8 ({err.reason} at byte {err.start})") from None
-    return out
+    return read_lines(path, "input", allow_empty=True)
 
 
 def translate_sentences(model: Seq2SeqTransformer, tokenizer, sentences: Sequence[str], beam: int = 1,
