@@ -3,7 +3,7 @@
     >>> from a2d_kernels import A2DLoss, A2DDistiller, a2d_kl, a2d_kl_qk, backends
 """
 from . import reference
-from .backends import backends
+from .dispatch import backends
 from .distill import A2DDistiller
 from .functional import a2d_kl
 from .module import A2DLoss

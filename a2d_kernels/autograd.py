@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .backends import KernelBackend
+from .dispatch import KernelBackend
 from .problem import A2DProblem
 
 

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import reference
 from .autograd import fused_a2d_kl as _eager_fused_a2d_kl
-from .backends import KernelBackend, _load
+from .dispatch import KernelBackend, _load
 from .problem import A2DProblem
 
 __all__ = ["fused_a2d_kl", "op_a2d_kl", "ReferenceKernels", "REFERENCE_KERNELS", "a2d_kl_fwd", "a2d_kl_bwd"]

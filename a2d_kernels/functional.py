@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .custom_ops import fused_a2d_kl
-from .backends import select_backend
+from .dispatch import select_backend
 from .problem import Maps, make_problem
 from .reference import a2d_kl_reference
 

@@ -27,7 +27,7 @@ import measure  # noqa: E402
 import report  # noqa: E402
 
 from a2d_kernels import a2d_kl  # noqa: E402
-from a2d_kernels.backends import select_backend  # noqa: E402
+from a2d_kernels.dispatch import select_backend  # noqa: E402
 from a2d_kernels.problem import make_problem  # noqa: E402
 
 TINY = cases.Shape("tiny", B=2, T=5, K=7, Cs=4, Ct=6, heads=2)

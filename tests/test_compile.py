@@ -5,8 +5,6 @@ one graph (Dynamo's ``trace_autograd_ops``), so ``fullgraph=True`` fails on any 
 break and a frame count of 1 rules out recompiles. Compiled results must equal eager.
 Shapes stay tiny: compiling on a 2-core CPU costs seconds per graph.
 """
-import sys
-
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -17,9 +15,7 @@ from a2d_kernels.custom_ops import (REFERENCE_KERNELS, ReferenceKernels, a2d_kl_
 from a2d_kernels.distill import A2DDistiller
 from a2d_kernels.reference import a2d_kl_reference
 
-# ``a2d_kernels.backends`` the attribute is the backends() function; the module is here.
-backends_module = sys.modules["a2d_kernels.backends"]
-functional_module = sys.modules["a2d_kernels.functional"]
+from a2d_kernels import dispatch as dispatch_module, functional as functional_module
 
 
 B, T, K = 2, 3, 5
@@ -202,7 +198,7 @@ def test_a2d_kl_dispatches_fused_backends_through_the_custom_op(monkeypatch):
     """a2d_kl(backend="triton") on the CPU, with a stand-in backend: one graph, holding the op."""
     if functional_module.fused_a2d_kl is not fused_a2d_kl:
         pytest.skip("a2d_kernels.functional still calls autograd.FusedA2DKL, not custom_ops.fused_a2d_kl")
-    monkeypatch.setitem(backends_module._loaded, "triton", (_StandIn("triton"), None))
+    monkeypatch.setitem(dispatch_module._loaded, "triton", (_StandIn("triton"), None))
     student, teacher, key_pad, query_pad = _inputs()
     weight, bias = _params()
 
@@ -221,10 +217,10 @@ def test_a2d_kl_dispatches_fused_backends_through_the_custom_op(monkeypatch):
 
 
 def _fused_backend_or_skip(name, device):
-    why = backends_module._reason(name, torch.device(device))
+    why = dispatch_module._reason(name, torch.device(device))
     if why is not None:
         pytest.skip(f"backend {name!r} on {device}: {why}")
-    backend = backends_module._load(name)[0]
+    backend = dispatch_module._load(name)[0]
     if not hasattr(backend, "saved_specs"):
         pytest.skip(f"backend {name!r} has no saved_specs(problem) yet: its ops have no fake")
     return backend

@@ -288,7 +288,7 @@ def backward(problem: A2DProblem, saved: Tuple[torch.Tensor, ...], grad_scale: t
 
 
 class TritonBackend:
-    """The ``KernelBackend`` contract of ``a2d_kernels.backends`` for Triton."""
+    """The ``KernelBackend`` contract of ``a2d_kernels.dispatch`` for Triton."""
 
     name = "triton"
 
