@@ -80,15 +80,15 @@ class ReferenceKernels:
     def backward(self, problem: A2DProblem, saved: Tuple[Tensor, ...], grad_scale: Tensor,
                  need_student_grad: bool):
         dtype = reference.compute_dtype(problem)
-        Z = reference.mixed_logits(problem, dtype)
-        A = torch.cat([a.to(dtype) for a in problem.teacher], dim=1)
         valid = reference.valid_entries(problem)
+        S = reference.stacked(problem.student, dtype, valid, 0.0)
+        Z = reference.mixed_logits(problem, S)
         B, Ct, T, K = Z.shape
         masked = reference._MASKED
         if problem.normalize == "map":
+            A = reference.stacked(problem.teacher, dtype, valid, masked)
             if valid is not None:
                 Z = torch.where(valid, Z, masked)
-                A = torch.where(valid, A, masked)
             q = torch.softmax(Z.reshape(B, Ct, -1), dim=-1).reshape(B, Ct, T, K)
             p = torch.softmax(A.reshape(B, Ct, -1), dim=-1).reshape(B, Ct, T, K)
             dZ = q - p
@@ -98,13 +98,12 @@ class ReferenceKernels:
             q = torch.softmax(Z, dim=-1)
             # P: the teacher row's mass over the keys that take part (1 for a full row
             # that sums to one); the gradient of -sum_k p_k log q_k is q*P - p.
-            p = A if problem.key_valid is None else torch.where(problem.key_valid[:, None, None, :], A, 0.0)
+            p = reference.stacked(problem.teacher, dtype, valid, 0.0)
             dZ = q * p.sum(-1, keepdim=True) - p
         if valid is not None:
             dZ = torch.where(valid, dZ, 0.0)
         dZ = dZ * grad_scale.to(dtype)
 
-        S = torch.cat([s.to(dtype) for s in problem.student], dim=1)
         d_weight = torch.einsum("bctx,bktx->ck", dZ, S).to(problem.weight.dtype)
         d_bias = None if problem.bias is None else dZ.sum(dim=(0, 2, 3)).to(problem.bias.dtype)
         if not need_student_grad:

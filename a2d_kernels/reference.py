@@ -36,9 +36,22 @@ def valid_entries(problem: A2DProblem):
     return valid
 
 
-def mixed_logits(problem: A2DProblem, dtype: torch.dtype) -> torch.Tensor:
-    """Z[b, c] = sum_k weight[c, k] * S[b, k] + bias[c], shape (B, Ct, T, K)."""
-    S = torch.cat([s.to(dtype) for s in problem.student], dim=1)
+def stacked(maps, dtype: torch.dtype, valid, fill: float) -> torch.Tensor:
+    """The per-layer maps concatenated along channels in ``dtype``, entries outside
+    ``valid`` (when given) set to ``fill``.
+
+    Masked positions may hold anything (a fully padded softmax row is NaN), so they are
+    replaced before any arithmetic: a NaN kept there would reach the gradients through
+    0 * NaN even where the forward selects it away.
+    """
+    X = torch.cat([m.to(dtype) for m in maps], dim=1)
+    return X if valid is None else torch.where(valid, X, fill)
+
+
+def mixed_logits(problem: A2DProblem, S: torch.Tensor) -> torch.Tensor:
+    """Z[b, c] = sum_k weight[c, k] * S[b, k] + bias[c], shape (B, Ct, T, K), from the
+    stacked student maps ``S``."""
+    dtype = S.dtype
     Z = torch.einsum("ck,bktx->bctx", problem.weight.to(dtype), S)
     if problem.bias is not None:
         Z = Z + problem.bias.to(dtype)[None, :, None, None]
@@ -58,15 +71,14 @@ def kl_per_map(problem: A2DProblem) -> torch.Tensor:
 
 def _kl_per_map(problem: A2DProblem) -> torch.Tensor:
     dtype = compute_dtype(problem)
-    Z = mixed_logits(problem, dtype)
-    A = torch.cat([a.to(dtype) for a in problem.teacher], dim=1)
     valid = valid_entries(problem)
+    Z = mixed_logits(problem, stacked(problem.student, dtype, valid, 0.0))
     B, Ct = Z.shape[:2]
 
     if problem.normalize == "map":
+        A = stacked(problem.teacher, dtype, valid, _MASKED)
         if valid is not None:
             Z = torch.where(valid, Z, _MASKED)
-            A = torch.where(valid, A, _MASKED)
         log_q = torch.log_softmax(Z.reshape(B, Ct, -1), dim=-1)
         log_p = torch.log_softmax(A.reshape(B, Ct, -1), dim=-1)
         terms = log_p.exp() * (log_p - log_q)
@@ -76,6 +88,7 @@ def _kl_per_map(problem: A2DProblem) -> torch.Tensor:
 
     # "row": each query row is a distribution over its valid keys; the teacher row is
     # used as given probabilities, and p = 0 terms contribute 0 (xlogy(0, 0) = 0).
+    A = stacked(problem.teacher, dtype, valid, 0.0)
     if problem.key_valid is not None:
         Z = torch.where(problem.key_valid[:, None, None, :], Z, _MASKED)
     log_q = torch.log_softmax(Z, dim=-1)

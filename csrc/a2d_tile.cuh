@@ -377,7 +377,10 @@ A2D_HD void load_params(const Args& a, const Plan& p, float* sm, int tid, int nt
 }
 
 // Stage rows t0..t0+G-1, keys k0..k0+KC-1 of every student and teacher channel (fp32),
-// zero outside the problem, plus the row / key validity flags (1 = takes part).
+// zero outside the problem and at masked entries, plus the row / key validity flags
+// (1 = takes part). Masked entries are never read: they may hold anything (a model's
+// fully padded softmax row is NaN), and a NaN staged there would reach dweight through
+// 0 * NaN even though every masked term is excluded.
 A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, int k0, int tid,
                       int nth) {
   const int kc_len = a.K - k0 < p.KC ? a.K - k0 : p.KC;
@@ -398,7 +401,7 @@ A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, in
   const int step = nth / lanes;
   const int n_lines = p.G * (a.Cs + a.Ct);
   for (int kk = tid % lanes; kk < p.KCP; kk += lanes) {
-    const bool key_in = kk < kc_len;
+    const bool key_in = kk < kc_len && (!a.key_valid || a.key_valid[int64_t(b) * a.K + k0 + kk]);
     for (int first = tid / lanes; first < n_lines; first += kLoadBatch * step) {
       float v[kLoadBatch];
       A2D_UNROLL
@@ -406,7 +409,7 @@ A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, in
         const int line = first + j * step;
         const int ch = line / p.G, t = t0 + (line - ch * p.G);
         v[j] = 0.f;
-        if (line < n_lines && key_in && t < a.T) {
+        if (line < n_lines && key_in && t < a.T && (!a.query_valid || a.query_valid[int64_t(b) * a.T + t])) {
           // table rows: students first, then teachers (same order as the channels)
           const int64_t off = int64_t(b) * a.table[3 * ch + 1] + int64_t(t) * a.table[3 * ch + 2] + k0 + kk;
           v[j] = load_elem(table_ptr(a, ch), off, ch < a.Cs ? a.dtype : a.t_dtype);

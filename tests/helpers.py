@@ -60,6 +60,18 @@ def ragged_masks(B: int, T: int, K: int, which: str, device="cpu"):
     return key_mask, query_mask
 
 
+def fill_excluded(maps, key_mask, query_mask, value: float):
+    """Copies of ``maps`` (B, H, T, K) with every entry the masks exclude set to ``value``
+    (what a model's fully padded softmax rows hold: NaN), keeping ``requires_grad``."""
+    B, _, T, K = maps[0].shape
+    excluded = torch.zeros(B, 1, T, K, dtype=torch.bool, device=maps[0].device)
+    if key_mask is not None:
+        excluded = excluded | key_mask[:, None, None, :]
+    if query_mask is not None:
+        excluded = excluded | query_mask[:, None, :, None]
+    return [m.detach().masked_fill(excluded, value).requires_grad_(m.requires_grad) for m in maps]
+
+
 def independent_a2d_kl(student, teacher, weight, bias, normalize="map", reduction="sum",
                        key_padding_mask: Optional[torch.Tensor] = None,
                        query_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -113,7 +125,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float 
     """||out - ref|| <= rtol * ||ref|| + atol (norms in float64); NaN never passes.
 
     ``atol`` matters only for tensors that are mathematically zero (the bias gradient
-    when every teacher row sums to one), where a relative error is meaningless.
+    in both modes), where a relative error is meaningless.
     """
     out64, ref64 = out.double(), ref.double()
     assert torch.isfinite(out64).all(), f"{what}: non-finite values in the output"

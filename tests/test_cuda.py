@@ -17,7 +17,7 @@ import torch
 from a2d_kernels import a2d_kl, backends, make_problem, reference
 
 from conftest import requires_gpu
-from helpers import assert_close, ragged_masks as make_masks
+from helpers import assert_close, fill_excluded, ragged_masks as make_masks
 
 _C = pytest.importorskip("a2d_kernels._C", reason="CUDA extension not built (no nvcc?)")
 from a2d_kernels.ops import cuda_a2d  # noqa: E402
@@ -115,6 +115,17 @@ def test_host_masks(shape, masks, normalize):
     key_mask, query_mask = make_masks(B, T, K, masks)
     _check(student, teacher, weight, bias, FP32_TOL, normalize=normalize,
            key_padding_mask=key_mask, query_mask=query_mask)
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+def test_host_never_reads_masked_positions(normalize):
+    """NaN where the masks exclude (a model's fully padded softmax rows): no effect."""
+    B, T, K, hs, ht = SHAPES["tiles"]
+    student, teacher, weight, bias = make_case(B, T, K, hs, ht)
+    key_mask, query_mask = make_masks(B, T, K, "both")
+    nan = float("nan")
+    _check(fill_excluded(student, key_mask, query_mask, nan), fill_excluded(teacher, key_mask, query_mask, nan),
+           weight, bias, FP32_TOL, normalize=normalize, key_padding_mask=key_mask, query_mask=query_mask)
 
 
 @pytest.mark.parametrize("normalize", ["map", "row"])

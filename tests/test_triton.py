@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from a2d_kernels import A2DLoss, a2d_kl, make_problem
-from helpers import ragged_masks as make_masks, rel_err
+from helpers import fill_excluded, ragged_masks as make_masks, rel_err
 
 triton_a2d = pytest.importorskip("a2d_kernels.ops.triton_a2d")
 
@@ -99,6 +99,18 @@ def test_matches_reference_with_masks(normalize, masks):
     key_mask, query_mask = make_masks(B, T, K, masks, device=DEVICE)
     check(student, teacher, weight, bias, normalize=normalize, reduction="mean",
           key_padding_mask=key_mask, query_mask=query_mask)
+
+
+@pytest.mark.parametrize("normalize", ["map", "row"])
+def test_nan_in_masked_positions_is_never_read(normalize):
+    """A model's fully padded softmax rows are NaN: excluded entries must not reach the
+    loss or any gradient (the reference masks them before any arithmetic too)."""
+    B, T, K = 3, 6, 20
+    student, teacher, weight, bias = make_case(B, T, K)
+    key_mask, query_mask = make_masks(B, T, K, "both", device=DEVICE)
+    nan = float("nan")
+    check(fill_excluded(student, key_mask, query_mask, nan), fill_excluded(teacher, key_mask, query_mask, nan),
+          weight, bias, normalize=normalize, key_padding_mask=key_mask, query_mask=query_mask)
 
 
 @pytest.mark.parametrize("normalize", ["map", "row"])
