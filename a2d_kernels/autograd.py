@@ -6,12 +6,24 @@ per-term scale the kernels read on the device.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .dispatch import KernelBackend
 from .problem import A2DProblem
+
+
+def refuse_double_backward() -> None:
+    """Raise when a fused backward runs under ``create_graph=True``.
+
+    The kernels' gradients are not differentiable again. Returned as they are, they would
+    carry no graph and a Hessian-vector product or gradient penalty through this loss
+    would silently miss its second derivative; ``once_differentiable`` does not catch
+    that case (the upstream gradient of a loss does not require grad), so this checks
+    the grad mode autograd runs the backward in: on only under ``create_graph=True``.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError("a2d_kernels: the fused A2D kernels have no double backward (a backward with "
+                           "create_graph=True reached them); use backend='reference' for higher-order gradients")
 
 
 class FusedA2DKL(torch.autograd.Function):
@@ -32,6 +44,7 @@ class FusedA2DKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_double_backward()
         normalize, reduction, n_student, n_maps = ctx.meta
         weight, bias, key_valid, query_valid, *rest = ctx.saved_tensors
         maps, saved = rest[:n_maps], tuple(rest[n_maps:])

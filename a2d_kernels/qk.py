@@ -47,6 +47,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .autograd import refuse_double_backward
 from .custom_ops import _layout_like
 from .problem import FLOAT_DTYPES, A2DProblem, make_problem
 from .reference import a2d_kl_reference
@@ -264,7 +265,16 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, visible: Opt
 
 
 def a2d_kl_qk_reference(problem: QKProblem) -> torch.Tensor:
-    """Materialize both sides' maps and hand them to the map-mode reference (the oracle)."""
+    """Materialize both sides' maps and hand them to the map-mode reference (the oracle).
+
+    Autocast is off inside, as in ``reference.kl_per_map``: the scores are computed in
+    fp32 (fp64) whatever autocast region the caller is in, like the fused kernels.
+    """
+    with torch.autocast(problem.student_q.device.type, enabled=False):
+        return _a2d_kl_qk_reference(problem)
+
+
+def _a2d_kl_qk_reference(problem: QKProblem) -> torch.Tensor:
     inputs = (problem.student_q, problem.student_k, problem.teacher_q, problem.teacher_k)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
     visible = visible_keys(problem)
@@ -294,6 +304,7 @@ class QKA2DKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        refuse_double_backward()
         sq, sk, tq, tk, weight, bias, *saved = ctx.saved_tensors
         problem = ctx.problem.with_tensors(sq, sk, tq, tk, weight, bias)
         need_qk = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]

@@ -22,6 +22,15 @@ from helpers import assert_close, independent_a2d_kl
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every Triton output buffer starts NaN (the switch the map path's tests use too): an
+    element a kernel forgets to write fails the comparison instead of passing as stale memory."""
+    from a2d_kernels.ops import triton_a2d
+
+    monkeypatch.setattr(triton_a2d, "POISON_OUTPUTS", True)
+
+
 def explicit_maps(q, k, scale, causal, key_padding_mask):
     """softmax(q k^T * scale) over visible keys, float64; rows with none are all zero."""
     logits = torch.einsum("bhtd,bhkd->bhtk", q.double(), k.double()) * scale
@@ -244,6 +253,32 @@ def test_triton_frozen_student_only_trains_the_aam():
     want = torch.autograd.grad(ref, [weight, bias])
     assert_close(got[0], want[0], 1e-5, what="d weight")
     assert_close(got[1], want[1], 0.0, atol=1e-5 * (1 + ref.abs().item()), what="d bias")
+
+
+def test_triton_double_backward_raises():
+    """The kernels' gradients are not differentiable again: a backward with create_graph=True
+    must raise, not return gradients whose second derivative is silently missing."""
+    B, sh, th, T, K, Ds, Dt = SHAPE
+    sq, sk, tq, tk, weight, bias = make_case(B, sh, th, T, K, Ds, Dt, seed=2)
+    sq, sk, tq, tk = [cast(x, torch.float32) for x in (sq, sk, tq, tk)]
+    weight, bias = cast([weight, bias], torch.float32)
+    loss = a2d_kl_qk(sq, sk, tq, tk, weight, bias, backend="triton")
+    with pytest.raises(RuntimeError, match="no double backward .*use backend='reference'"):
+        torch.autograd.grad(loss, [weight], create_graph=True)
+    torch.autograd.grad(loss, [weight])  # the plain backward still works
+
+
+def test_reference_ignores_autocast():
+    """Under a bf16 autocast region the reference still computes the scores in fp32, as
+    the kernels do (and as the map-path reference does)."""
+    B, sh, th, T, K, Ds, Dt = SHAPE
+    case = [cast(x, torch.float32) for x in make_case(B, sh, th, T, K, Ds, Dt, seed=4)[:4]]
+    weight, bias = cast(list(make_case(B, sh, th, T, K, Ds, Dt, seed=4)[4:]), torch.float32)
+    expected = a2d_kl_qk(*case, weight, bias, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = a2d_kl_qk(*case, weight, bias, backend="reference")
+    assert got.dtype == torch.float32
+    assert_close(got, expected, 1e-6, what="loss under autocast")
 
 
 def test_auto_on_cpu_is_the_reference():

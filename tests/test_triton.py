@@ -306,6 +306,16 @@ def test_poisoned_outputs_are_nan():
     assert torch.isnan(triton_a2d._new_output_like(torch.zeros(2, 2, dtype=torch.bfloat16))).all()
 
 
+def test_double_backward_raises():
+    """The kernels' gradients are not differentiable again: a backward with create_graph=True
+    raises instead of returning gradients that silently miss the A2D term's second derivative."""
+    student, teacher, weight, bias = make_case()
+    loss = a2d_kl(student, teacher, weight, bias, backend="triton")
+    with pytest.raises(RuntimeError, match="no double backward .*use backend='reference'"):
+        torch.autograd.grad(loss, [weight], create_graph=True)
+    torch.autograd.grad(loss, [weight])  # the plain backward still works
+
+
 def test_module_uses_triton():
     loss_fn = A2DLoss([3, 2], [4, 3], normalize="row", backend="triton").to(DEVICE)
     student, teacher, _, _ = make_case()

@@ -59,6 +59,10 @@ import triton
 import triton.language as tl
 
 from ._triton_forward import MAP_PARTIALS, MAP_SAVED, map_forward_combine
+# Shared with the map path: outputs NaN-filled under the tests' POISON_OUTPUTS switch (an
+# element a kernel forgets to write fails instead of passing as stale memory), launches
+# on the tensors' device whatever the current one is.
+from .triton_a2d import _device_guard, _new_output
 from ._triton_tiles import expm1_minus_x, log1p_minus_x
 
 _MAP_PARTIALS = tl.constexpr(MAP_PARTIALS)  # a global a kernel may read must be a constexpr
@@ -654,7 +658,7 @@ def _masks(problem, fallback: torch.Tensor):
 def _row_lse(q, k, scale, problem, key_valid, stride_kv, tiles: _Tiles, c_block: int, block_d: int) -> torch.Tensor:
     B, C, T, D = q.shape
     K = k.shape[2]
-    lse = torch.empty(B, C, T, dtype=torch.float32, device=q.device)
+    lse = _new_output((B, C, T), torch.float32, q.device)
     grid = (B, triton.cdiv(T, tiles.block_t), triton.cdiv(C, c_block))
     _row_lse_kernel[grid](
         q, k, key_valid, lse, *q.stride(), *k.stride(), stride_kv, C, T, K, D, scale,
@@ -691,6 +695,11 @@ def _common_meta(problem, tiles: _Tiles):
 
 def forward(problem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """(kl (B, Ct) fp32, saved): saved = (lse_s (B,Cs,T), lse_t (B,Ct,T), shifts (3,B,Ct,T))."""
+    with _device_guard(problem.student_q.device):
+        return _forward(problem)
+
+
+def _forward(problem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     sq, sk, tq, tk = problem.student_q, problem.student_k, problem.teacher_q, problem.teacher_k
     B, Cs, T, _ = sq.shape
     Ct = tq.shape[1]
@@ -703,9 +712,9 @@ def forward(problem) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     map_mode = problem.normalize == "map"
     nT = triton.cdiv(T, tiles.block_t)
     if map_mode:
-        stats = torch.empty(B, nT, MAP_PARTIALS, Ct, dtype=torch.float32, device=sq.device)
+        stats = _new_output((B, nT, MAP_PARTIALS, Ct), torch.float32, sq.device)
     else:
-        stats = torch.empty(B, Ct, T, 3, dtype=torch.float32, device=sq.device)
+        stats = _new_output((B, Ct, T, 3), torch.float32, sq.device)
     grid = (B, nT, triton.cdiv(Ct, tiles.ct_block))
     _forward_stats_kernel[grid](
         *_common_args(problem, lse_s, lse_t, key_valid, query_valid, key_suffix), stats,
@@ -721,8 +730,8 @@ def _fold_map_stats(partials: torch.Tensor, T: int) -> Tuple[torch.Tensor, torch
     statistics, same centered form). A map with no loss entry gets KL 0 and finite
     shifts."""
     B, n_blocks, _, Ct = partials.shape
-    kl = torch.empty(B, Ct, dtype=torch.float32, device=partials.device)
-    saved = torch.empty(B, MAP_SAVED, Ct, dtype=torch.float32, device=partials.device)
+    kl = _new_output((B, Ct), torch.float32, partials.device)
+    saved = _new_output((B, MAP_SAVED, Ct), torch.float32, partials.device)
     map_forward_combine[(B,)](partials, *partials.stride()[:3], kl, saved, *saved.stride()[:2], n_blocks, Ct,
                               CT_PAD=triton.next_power_of_2(Ct))
     # saved = (mZ, log sZ, mA, log sA, ...): the map log-sum-exps of Z and of A.
@@ -741,6 +750,11 @@ def _fold_row_stats(stats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
     """(dQ, dK, dweight, dbias) of the summed-KL-times-grad_scale; dQ, dK None unless need_qk."""
+    with _device_guard(problem.student_q.device):
+        return _backward(problem, saved, grad_scale, need_qk)
+
+
+def _backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
     lse_s, lse_t, shifts = saved
     sq, sk = problem.student_q, problem.student_k
     B, Cs, T, Ds = sq.shape
@@ -751,8 +765,8 @@ def backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
     nT, nK, nCtb = triton.cdiv(T, tiles.block_t), triton.cdiv(K, tiles.block_k), triton.cdiv(Ct, tiles.ct_block)
     dev, f32 = sq.device, torch.float32
 
-    rowsum = torch.empty(nCtb, B, Cs, T, dtype=f32, device=dev)
-    dw = torch.empty(B, nT, Ct, Cs, dtype=f32, device=dev)
+    rowsum = _new_output((nCtb, B, Cs, T), f32, dev)
+    dw = _new_output((B, nT, Ct, Cs), f32, dev)
     args = (*_common_args(problem, lse_s, lse_t, key_valid, query_valid, key_suffix), shifts,
             grad_scale.to(device=dev, dtype=f32).reshape(1))
     strides = _common_strides(problem, stride_kv, stride_qv)
@@ -765,9 +779,9 @@ def backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
     if not need_qk:
         return None, None, d_weight, d_bias
 
-    dq = torch.empty(nCtb, B, Cs, T, Ds, dtype=f32, device=dev)
+    dq = _new_output((nCtb, B, Cs, T, Ds), f32, dev)
     _backward_kernel[(B, nT, nCtb)](*args, rowsum, dw, dq, *strides, STAGE=1, **meta)
-    dk = torch.empty(nCtb, B, Cs, K, Ds, dtype=f32, device=dev)
+    dk = _new_output((nCtb, B, Cs, K, Ds), f32, dev)
     _backward_kernel[(B, nK, nCtb)](*args, rowsum, dw, dk, *strides, STAGE=2, **meta)
     return dq.sum(0).to(sq.dtype), dk.sum(0).to(sk.dtype), d_weight, d_bias
 
