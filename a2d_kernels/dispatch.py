@@ -11,13 +11,16 @@ from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
-from .problem import A2DProblem, BACKEND_NAMES
+from .problem import A2DProblem
 
-# name -> module that defines ``BACKEND`` (imported lazily: a missing Triton or an
-# unbuilt CUDA extension must never break ``import a2d_kernels``).
+# family -> name -> module that defines ``BACKEND`` (imported lazily: a missing Triton
+# or an unbuilt CUDA extension must never break ``import a2d_kernels``). The order is
+# the order ``backend="auto"`` tries them on CUDA (see ``auto_order``). "map": the loss
+# of attention maps (``a2d_kl``, the ``KernelBackend`` contract below); "qk": the loss
+# from queries and keys (``a2d_kl_qk``; same availability methods, QK problems).
 _KERNEL_MODULES = {
-    "triton": "a2d_kernels.ops.triton_a2d",
-    "cuda": "a2d_kernels.ops.cuda_a2d",
+    "map": {"triton": "a2d_kernels.ops.triton_a2d", "cuda": "a2d_kernels.ops.cuda_a2d"},
+    "qk": {"triton": "a2d_kernels.ops.triton_qk"},
 }
 
 
@@ -64,18 +67,19 @@ class KernelBackend(Protocol):
     ) -> Tuple[List[Optional[torch.Tensor]], torch.Tensor, Optional[torch.Tensor]]: ...
 
 
-_loaded: Dict[str, Tuple[Optional[KernelBackend], Optional[str]]] = {}
+_loaded: Dict[Tuple[str, str], Tuple[Optional[KernelBackend], Optional[str]]] = {}
 
 
-def _load(name: str) -> Tuple[Optional[KernelBackend], Optional[str]]:
+def _load(name: str, family: str = "map") -> Tuple[Optional[KernelBackend], Optional[str]]:
     """Import a kernel backend once; return (backend, None) or (None, why not)."""
-    if name not in _loaded:
+    key = (family, name)
+    if key not in _loaded:
         try:
-            module = importlib.import_module(_KERNEL_MODULES[name])
-            _loaded[name] = (module.BACKEND, None)
+            module = importlib.import_module(_KERNEL_MODULES[family][name])
+            _loaded[key] = (module.BACKEND, None)
         except ImportError as exc:  # triton not installed, extension not built, ...
-            _loaded[name] = (None, f"cannot be imported: {exc}")
-    return _loaded[name]
+            _loaded[key] = (None, f"cannot be imported: {exc}")
+    return _loaded[key]
 
 
 def _default_device() -> torch.device:
@@ -85,10 +89,10 @@ def _default_device() -> torch.device:
 # Evaluated once while torch.compile traces (its result baked into the graph): the first
 # call imports the kernel module, which Dynamo cannot trace (a fullgraph=True error).
 @torch.compiler.assume_constant_result
-def _reason(name: str, device: torch.device) -> Optional[str]:
+def _reason(name: str, device: torch.device, family: str = "map") -> Optional[str]:
     if name == "reference":
         return None
-    backend, why = _load(name)
+    backend, why = _load(name, family)
     if backend is None:
         return why
     return backend.unavailable_reason(device)
@@ -101,13 +105,13 @@ def backends(device: Optional[torch.device] = None) -> Dict[str, Dict[str, objec
     """
     device = torch.device(device) if device is not None else _default_device()
     report = {}
-    for name in ("reference", *_KERNEL_MODULES):
+    for name in ("reference", *_KERNEL_MODULES["map"]):
         why = _reason(name, device)
         report[name] = {"available": why is None, "reason": why or "available"}
     return report
 
 
-def auto_order(problem: A2DProblem) -> Sequence[str]:
+def auto_order(problem, family: str = "map") -> Sequence[str]:
     """Fused backends ``backend="auto"`` tries, in order, before the reference.
 
     On the CPU the Triton interpreter is far slower than the reference, so auto never
@@ -119,26 +123,34 @@ def auto_order(problem: A2DProblem) -> Sequence[str]:
     """
     if problem.device.type != "cuda":
         return ()
-    return ("triton", "cuda")
+    return tuple(_KERNEL_MODULES[family])
 
 
-def select_backend(name: str, problem: A2DProblem) -> Optional[KernelBackend]:
-    """The fused backend to run, or None for the reference. Raises for a bad request."""
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+def backend_names(family: str = "map") -> Tuple[str, ...]:
+    """The ``backend=`` values a family accepts."""
+    return ("auto", "reference", *_KERNEL_MODULES[family])
+
+
+def select_backend(name: str, problem, family: str = "map") -> Optional[KernelBackend]:
+    """The fused backend to run ``problem`` (an ``A2DProblem``, or a ``QKProblem`` for
+    the "qk" family), or None for the reference. Raises for a bad request."""
+    allowed = backend_names(family)
+    if name not in allowed:
+        mode = " in QK mode" if family == "qk" else ""
+        raise ValueError(f"backend must be one of {allowed}{mode}, got {name!r}")
     if name == "reference":
         return None
     if name == "auto":
-        for candidate in auto_order(problem):
-            if _reason(candidate, problem.device) is None:
-                backend = _load(candidate)[0]
+        for candidate in auto_order(problem, family):
+            if _reason(candidate, problem.device, family) is None:
+                backend = _load(candidate, family)[0]
                 if backend.unsupported_reason(problem) is None:
                     return backend
         return None
-    why = _reason(name, problem.device)
+    why = _reason(name, problem.device, family)
     if why is not None:
         raise RuntimeError(f"backend={name!r} is not available on {problem.device}: {why}")
-    backend = _load(name)[0]
+    backend = _load(name, family)[0]
     why = backend.unsupported_reason(problem)
     if why is not None:
         raise ValueError(f"backend={name!r} cannot compute this input: {why}")

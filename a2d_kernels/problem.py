@@ -102,46 +102,51 @@ class A2DProblem:
         return (grad_loss.to(torch.float32) / self.reduction_denominator()).reshape(())
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
-def _as_layers(name: str, maps: Maps) -> Tuple[torch.Tensor, ...]:
-    if isinstance(maps, torch.Tensor):
-        layers: Tuple = (maps,)
-    elif isinstance(maps, (list, tuple)):
-        layers = tuple(maps)
+def as_layers(name: str, value, layer_shape: str = "(B, H, T, K)",
+              stacked_shape: str = "(B, C, T, K)") -> Tuple[torch.Tensor, ...]:
+    """``value`` (one stacked tensor or a list/tuple of per-layer tensors) as a tuple of
+    4-D floating tensors of one dtype with at least one head each; raises naming
+    ``name`` (and the layer), what it got and what it needs. Shared by the map and the
+    QK entry points, which pass their own layout names."""
+    if isinstance(value, torch.Tensor):
+        layers: Tuple = (value,)
+    elif isinstance(value, (list, tuple)):
+        layers = tuple(value)
         if not layers:
-            raise ValueError(
-                f"{name} is an empty {type(maps).__name__}; it needs at least one "
-                "(B, H, T, K) attention tensor"
-            )
+            raise ValueError(f"{name} is an empty {type(value).__name__}; it needs at least one {layer_shape} tensor")
     else:
-        raise TypeError(
-            f"{name} must be a tensor (B, C, T, K) or a list/tuple of per-layer "
-            f"(B, H, T, K) tensors, got {type(maps).__name__}"
-        )
+        raise TypeError(f"{name} must be a tensor {stacked_shape} or a list/tuple of per-layer {layer_shape} "
+                        f"tensors, got {type(value).__name__}")
     for i, t in enumerate(layers):
-        where = f"{name}[{i}]" if len(layers) > 1 or not isinstance(maps, torch.Tensor) else name
+        where = name if isinstance(value, torch.Tensor) else f"{name}[{i}]"
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(
-                f"{where} must be 4-D (B, H, T, K), got {t.dim()}-D with shape {tuple(t.shape)}"
-            )
+            raise ValueError(f"{where} must be 4-D {layer_shape}, got {t.dim()}-D with shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{where} must be a floating tensor (float16, bfloat16, float32 or "
-                f"float64), got {t.dtype}"
-            )
+            raise TypeError(f"{where} must be a floating tensor (float16, bfloat16, float32 or float64), "
+                            f"got {t.dtype}")
         if t.shape[1] == 0:
             raise ValueError(f"{where} has 0 heads (shape {tuple(t.shape)}); every layer needs H >= 1")
         if t.dtype != layers[0].dtype:
-            raise TypeError(
-                f"{name} layers must share one dtype: layer 0 is {layers[0].dtype}, "
-                f"layer {i} is {t.dtype}; cast them to one dtype"
-            )
+            raise TypeError(f"{name} layers must share one dtype: layer 0 is {layers[0].dtype}, "
+                            f"layer {i} is {t.dtype}; cast them to one dtype")
     return layers
+
+
+def mixing_weight(weight, Ct: int, Cs: int, counted: str) -> torch.Tensor:
+    """``weight`` as the (Ct, Cs) mixing matrix (a ``Conv2d(Cs, Ct, 1).weight`` is
+    flattened); raises naming ``weight`` and its shape as given. ``counted`` says where
+    Ct and Cs come from, for the message."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor of shape (Ct, Cs) = ({Ct}, {Cs}), got {type(weight).__name__}")
+    given = tuple(weight.shape)
+    if weight.dim() == 4 and weight.shape[2:] == (1, 1):
+        weight = weight.flatten(1)  # accept a Conv2d(Cs, Ct, 1).weight as is
+    if tuple(weight.shape) != (Ct, Cs):
+        raise ValueError(f"weight must have shape (Ct, Cs) = ({Ct}, {Cs}) (or ({Ct}, {Cs}, 1, 1)) for {counted}, "
+                         f"got {given}")
+    return weight
 
 
 def _check_mask(
@@ -181,8 +186,8 @@ def make_problem(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
-    student = _as_layers("student_maps", student_maps)
-    teacher = _as_layers("teacher_maps", teacher_maps)
+    student = as_layers("student_maps", student_maps)
+    teacher = as_layers("teacher_maps", teacher_maps)
 
     ref = student[0]
     device = ref.device
@@ -205,15 +210,7 @@ def make_problem(
 
     Cs = sum(s.shape[1] for s in student)
     Ct = sum(a.shape[1] for a in teacher)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a tensor of shape (Ct, Cs) = ({Ct}, {Cs}), got {type(weight).__name__}")
-    if weight.dim() == 4 and weight.shape[2:] == (1, 1):
-        weight = weight.flatten(1)  # accept a Conv2d(Cs, Ct, 1).weight as is
-    if tuple(weight.shape) != (Ct, Cs):
-        raise ValueError(
-            f"weight must have shape (Ct, Cs) = ({Ct}, {Cs}) for teacher_maps with {Ct} "
-            f"channels and student_maps with {Cs} channels, got {tuple(weight.shape)}"
-        )
+    weight = mixing_weight(weight, Ct, Cs, f"teacher_maps with {Ct} channels and student_maps with {Cs} channels")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
     if weight.device != device:

@@ -49,13 +49,14 @@ from torch import Tensor
 
 from .autograd import refuse_double_backward
 from .custom_ops import _layout_like
-from .problem import FLOAT_DTYPES, A2DProblem, make_problem
+from .dispatch import backend_names, select_backend
+from .problem import A2DProblem, as_layers, make_problem, mixing_weight
 from .reference import a2d_kl_reference
 
 Heads = Union[torch.Tensor, Sequence[torch.Tensor]]
 Scale = Union[None, float, Tuple[Optional[float], Optional[float]]]
 
-QK_BACKENDS = ("auto", "reference", "triton")
+QK_BACKENDS = backend_names("qk")
 
 # A finite stand-in for -inf on invisible logits (as in ``reference``): a row with
 # no visible key stays finite, so its zeroing never meets a NaN in autograd.
@@ -80,6 +81,10 @@ class QKProblem:
     teacher_scale: float
     causal: bool
     maps: A2DProblem
+
+    @property
+    def device(self) -> torch.device:
+        return self.student_q.device
 
     @property
     def weight(self) -> torch.Tensor:
@@ -118,33 +123,14 @@ class QKProblem:
 
 # ----------------------------------------------------------------------------- checks
 
-def _as_layers(name: str, heads: Heads, what: str) -> Tuple[torch.Tensor, ...]:
-    if isinstance(heads, torch.Tensor):
-        layers: Tuple = (heads,)
-    elif isinstance(heads, (list, tuple)):
-        layers = tuple(heads)
-        if not layers:
-            raise ValueError(f"{name} is an empty {type(heads).__name__}; it needs at least one {what} tensor")
-    else:
-        raise TypeError(f"{name} must be a {what} tensor or a list/tuple of per-layer {what} tensors, "
-                        f"got {type(heads).__name__}")
-    for i, t in enumerate(layers):
-        where = name if isinstance(heads, torch.Tensor) else f"{name}[{i}]"
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{where} must be 4-D {what}, got {t.dim()}-D with shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{where} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
-        if 0 in t.shape:
-            raise ValueError(f"{where} must be non-empty {what}, got shape {tuple(t.shape)}")
-    return layers
-
-
 def _check_side(side: str, qs: Heads, ks: Heads, device) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
     """Per-layer q (B, H, T, D) and k (B, H, K, D) of one side, checked against each other."""
-    q_layers = _as_layers(f"{side}_q", qs, "(B, H, T, D)")
-    k_layers = _as_layers(f"{side}_k", ks, "(B, H, K, D)")
+    q_layers = as_layers(f"{side}_q", qs, "(B, H, T, D)", "(B, C, T, D)")
+    k_layers = as_layers(f"{side}_k", ks, "(B, H, K, D)", "(B, C, K, D)")
+    for name, layers in ((f"{side}_q", q_layers), (f"{side}_k", k_layers)):
+        for i, t in enumerate(layers):
+            if 0 in t.shape:
+                raise ValueError(f"{name}[{i}] must be non-empty, got shape {tuple(t.shape)}")
     if len(q_layers) != len(k_layers):
         raise ValueError(f"{side}_q has {len(q_layers)} layers but {side}_k has {len(k_layers)}; "
                          "they need one (q, k) pair per layer")
@@ -180,7 +166,7 @@ def _scales(scale: Scale, d_student: int, d_teacher: int) -> Tuple[float, float]
     for who, value, d in (("student", s, d_student), ("teacher", t, d_teacher)):
         if value is None:
             value = 1.0 / math.sqrt(d)
-        if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TypeError(f"scale for the {who} must be a finite Python number or None "
                             f"(1/sqrt(head dim)), got {value!r}")
         out.append(float(value))
@@ -216,11 +202,8 @@ def make_qk_problem(student_q: Heads, student_k: Heads, teacher_q: Heads, teache
 
     Cs = sum(q.shape[1] for q in sq)
     Ct = sum(q.shape[1] for q in tq)
-    if isinstance(weight, torch.Tensor):
-        w_shape = tuple(weight.shape[:2]) if weight.dim() == 4 and weight.shape[2:] == (1, 1) else tuple(weight.shape)
-        if w_shape != (Ct, Cs):
-            raise ValueError(f"weight must have shape (Ct, Cs) = ({Ct}, {Cs}) for {Ct} teacher heads and "
-                             f"{Cs} student heads (summed over layers), got {tuple(weight.shape)}")
+    # Checked here for the QK wording (heads, not map channels); make_problem re-checks.
+    mixing_weight(weight, Ct, Cs, f"{Ct} teacher heads and {Cs} student heads (summed over layers)")
 
     # Zero-stride stand-ins let the map-mode checks (weight, bias, masks, mode,
     # reduction) run unchanged; they allocate one element each.
@@ -331,8 +314,8 @@ def _repack(sq, sk, tq, tk, weight, bias, key_valid, query_valid, student_scale,
 
 
 def _triton_kernels():
-    from .ops import triton_qk
-    return triton_qk
+    from .ops.triton_qk import BACKEND
+    return BACKEND
 
 
 @torch.library.custom_op("a2d_kernels::a2d_kl_qk_fwd", mutates_args=())
@@ -414,34 +397,6 @@ def _fused(kernels, problem: QKProblem) -> torch.Tensor:
                          problem.teacher_q, problem.teacher_k, problem.weight, problem.bias)
 
 
-def _select(backend: str, problem: QKProblem):
-    """The Triton kernels module to run, or None for the reference. Raises for a bad request."""
-    if backend not in QK_BACKENDS:
-        raise ValueError(f"backend must be one of {QK_BACKENDS} in QK mode, got {backend!r}")
-    if backend == "reference":
-        return None
-    try:
-        from .ops import triton_qk
-    except ImportError as exc:  # triton not installed
-        if backend == "auto":
-            return None
-        raise RuntimeError(f"backend='triton' is not available: cannot import the Triton kernels ({exc})") from exc
-    device = problem.student_q.device
-    if backend == "auto":
-        if device.type != "cuda":  # the interpreter is far slower than the reference
-            return None
-        if triton_qk.unavailable_reason(device) or triton_qk.unsupported_reason(problem):
-            return None
-        return triton_qk
-    why = triton_qk.unavailable_reason(device)
-    if why:
-        raise RuntimeError(f"backend='triton' is not available on {device}: {why}")
-    why = triton_qk.unsupported_reason(problem)
-    if why:
-        raise ValueError(f"backend='triton' cannot compute this input: {why}")
-    return triton_qk
-
-
 def a2d_kl_qk(
     student_q: Heads,
     student_k: Heads,
@@ -488,7 +443,7 @@ def a2d_kl_qk(
     problem = make_qk_problem(student_q, student_k, teacher_q, teacher_k, weight, bias, scale=scale,
                               causal=causal, key_padding_mask=key_padding_mask, query_mask=query_mask,
                               normalize=normalize, reduction=reduction)
-    kernels = _select(backend, problem)
+    kernels = select_backend(backend, problem, family="qk")
     if kernels is None:
         return a2d_kl_qk_reference(problem)
     return _fused(kernels, problem)

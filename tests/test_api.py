@@ -46,6 +46,7 @@ def test_good_call_runs(good):
     (dict(weight=torch.randn(4, 6)), ValueError,
      r"weight must have shape \(Ct, Cs\) = \(4, 5\) .* got \(4, 6\)"),
     (dict(weight=torch.randn(5, 4)), ValueError, r"weight must have shape \(Ct, Cs\) = \(4, 5\)"),
+    (dict(weight=torch.randn(4, 6, 1, 1)), ValueError, r"weight must have shape .* got \(4, 6, 1, 1\)"),
     (dict(weight=torch.ones(4, 5, dtype=torch.int32)), TypeError, r"weight must be a floating tensor"),
     (dict(weight=[[1.0]]), TypeError, r"weight must be a tensor of shape \(Ct, Cs\) = \(4, 5\), got list"),
     (dict(bias=torch.randn(5)), ValueError, r"bias must have shape \(Ct,\) = \(4,\), got \(5,\)"),
@@ -86,6 +87,15 @@ def test_unavailable_backend_says_why(good):
     assert report["reference"]["available"]
     # The CUDA kernels cannot run on CPU tensors whatever else is installed.
     assert not a2d_kernels.backends("cpu")["cuda"]["available"]
+
+
+def test_backend_names_are_the_dispatchers():
+    from a2d_kernels.dispatch import backend_names
+    from a2d_kernels.problem import BACKEND_NAMES
+    from a2d_kernels.qk import QK_BACKENDS
+
+    assert backend_names("map") == BACKEND_NAMES == ("auto", "reference", "triton", "cuda")
+    assert QK_BACKENDS == ("auto", "reference", "triton")
 
 
 def test_auto_uses_the_reference_on_cpu(good):

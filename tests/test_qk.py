@@ -343,6 +343,8 @@ def _good():
     (lambda a: a.update(weight=a["weight"][:, :1]), ValueError, "weight must have shape (Ct, Cs) = (3, 2)"),
     (lambda a: a.update(causal=True), ValueError, "causal=True needs as many queries as keys"),
     (lambda a: a.update(scale="big"), TypeError, "scale for the student"),
+    (lambda a: a.update(scale=True), TypeError, "scale for the student"),
+    (lambda a: a.update(weight=a["weight"][:, :1, None, None]), ValueError, "got (3, 1, 1, 1)"),
     (lambda a: a.update(student_q=[]), ValueError, "student_q is an empty list"),
     (lambda a: a.update(backend="cuda"), ValueError, "backend must be one of"),
     (lambda a: a.update(backend="triton"), ValueError, "float64 inputs"),

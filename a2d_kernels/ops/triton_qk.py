@@ -786,6 +786,20 @@ def _backward(problem, saved, grad_scale: torch.Tensor, need_qk: bool):
     return dq.sum(0).to(sq.dtype), dk.sum(0).to(sk.dtype), d_weight, d_bias
 
 
+class TritonQKBackend:
+    """These kernels as ``a2d_kernels.dispatch`` sees them (its "qk" family): the same
+    availability methods as a map-path backend, over QK problems."""
+
+    name = "triton"
+    unavailable_reason = staticmethod(unavailable_reason)
+    unsupported_reason = staticmethod(unsupported_reason)
+    forward = staticmethod(forward)
+    backward = staticmethod(backward)
+
+
+BACKEND = TritonQKBackend()
+
+
 # --------------------------------------------------------- offline compile check
 
 def compile_offline(arch: int = 90, dtype: str = "bf16", causal: bool = True, normalize: str = "map") -> dict:
