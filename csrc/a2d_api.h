@@ -57,7 +57,7 @@ inline std::string make_plan(const Args& a, int num_sms, int max_rows, int max_k
   if (p.H < 1) p.H = 1;
   const int slots = p.G * p.H * a.Ct;  // threads with a role
   const int tile = p.G * (a.Cs + a.Ct) * p.KCP;
-  const int stage_min = slots * (kMapFields + 1);  // 5-float stats / at least 6 dW columns per thread
+  const int stage_min = slots * (kMapFields + 1);  // map stats / at least kMapFields + 1 dW columns per thread
   p.region = (tile > stage_min ? tile : stage_min + 3) / 4 * 4;
   p.off_s = 0;
   p.off_a = p.G * a.Cs * p.KCP;

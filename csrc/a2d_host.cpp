@@ -77,18 +77,14 @@ void backward_impl(const Args& a, const Plan& p) {
   const int active_threads = p.G * p.H * a.Ct;
   const float gscale = *a.grad_scale;
   std::vector<Accumulators<CS_MAX>> acc(active_threads);
-  std::vector<float> stat0(active_threads), stat1(active_threads);
+  std::vector<SavedStats> st(active_threads);
   for (int b = 0; b < a.B; ++b) {
     for (int blk = 0; blk < p.n_blocks; ++blk) {
       load_params(a, p, sm, 0, 1);
       for (int tid = 0; tid < active_threads; ++tid) {
         std::fill(acc[tid].dw, acc[tid].dw + CS_MAX, 0.f);
         acc[tid].db = 0.f;
-        stat0[tid] = stat1[tid] = 0.f;
-        if (a.mode == kMap) {
-          stat0[tid] = a.stat0[b * a.Ct + tid % a.Ct];
-          stat1[tid] = a.stat1[b * a.Ct + tid % a.Ct];
-        }
+        st[tid] = a.mode == kMap ? saved_map(a, b, tid % a.Ct) : SavedStats{0.f, 0.f, 0.f, 0.f};
       }
       const int set_end = std::min(p.n_sets, (blk + 1) * p.sets_per_block);
       for (int set = blk * p.sets_per_block; set < set_end; ++set) {
@@ -96,11 +92,7 @@ void backward_impl(const Args& a, const Plan& p) {
         for (int tid = 0; tid < active_threads; ++tid) {
           const Role role = role_of(a, p, tid);
           const int c = role.c, g = role.g;
-          if (a.mode == kRow && t0 + g < a.T) {
-            const int64_t i = (int64_t(b) * a.Ct + c) * a.T + t0 + g;
-            stat0[tid] = a.stat0[i];
-            stat1[tid] = a.stat1[i];
-          }
+          if (a.mode == kRow && t0 + g < a.T) st[tid] = saved_row(a, b, c, t0 + g);
         }
         for (int k0 = 0; k0 < a.K; k0 += p.KC) {
           const int kc_len = std::min(p.KC, a.K - k0);
@@ -109,7 +101,7 @@ void backward_impl(const Args& a, const Plan& p) {
             const Role role = role_of(a, p, tid);
             float w[CS_MAX];
             thread_weights<CS_MAX>(a, p, sm, role.c, w);
-            backward_thread<CS_MAX>(a, p, sm, role, w, kc_len, gscale, stat0[tid], stat1[tid], acc[tid].dw,
+            backward_thread<CS_MAX>(a, p, sm, role, w, kc_len, gscale, st[tid], acc[tid].dw,
                                     acc[tid].db);
           }
           if (a.need_ds) {

@@ -77,24 +77,17 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Args args, Plan p, c
   for (int k = 0; k < CS_MAX; ++k) dw[k] = 0.f;
   float db = 0.f;
   const float gscale = *a.grad_scale;
-  float stat0 = 0.f, stat1 = 0.f;
-  if (active && a.mode == kMap) {
-    stat0 = a.stat0[b * a.Ct + c];
-    stat1 = a.stat1[b * a.Ct + c];
-  }
+  SavedStats st{0.f, 0.f, 0.f, 0.f};
+  if (active && a.mode == kMap) st = saved_map(a, b, c);
   const int set_end = min(p.n_sets, (blk + 1) * p.sets_per_block);
   for (int set = blk * p.sets_per_block; set < set_end; ++set) {
     const int t0 = set * p.G;
-    if (active && a.mode == kRow && t0 + g < a.T) {
-      const int64_t i = (int64_t(b) * a.Ct + c) * a.T + t0 + g;
-      stat0 = a.stat0[i];
-      stat1 = a.stat1[i];
-    }
+    if (active && a.mode == kRow && t0 + g < a.T) st = saved_row(a, b, c, t0 + g);
     for (int k0 = 0; k0 < a.K; k0 += p.KC) {
       const int kc_len = min(p.KC, a.K - k0);
       load_tile(a, p, sm, b, t0, k0, tid, nth);
       __syncthreads();
-      if (active) backward_thread<CS_MAX>(a, p, sm, role, w, kc_len, gscale, stat0, stat1, dw, db);
+      if (active) backward_thread<CS_MAX>(a, p, sm, role, w, kc_len, gscale, st, dw, db);
       __syncthreads();
       if (a.need_ds) {
         backward_ds(a, p, sm, kc_len, tid, nth);

@@ -49,7 +49,7 @@ enum Mode : int { kMap = 0, kRow = 1 };
 constexpr int kThreads = 256;          // threads per block of the main kernels
 constexpr int kMaxStudent = 64;        // Cs limit (row of the mixing matrix in registers)
 constexpr int kSmemFloats = 12 * 1024; // 48 KiB: no opt-in needed on any architecture
-constexpr int kMapFields = 5;          // floats per MapStats in the partial buffers
+constexpr int kMapFields = 7;          // floats per MapStats in the partial buffers
 
 // Logits are handled in base 2 inside the kernels: the mixing row and bias are scaled
 // by log2(e) once (so z2 = z * log2(e) costs nothing) and teacher logits are scaled on
@@ -74,9 +74,10 @@ struct Args {
   const void* bias;               // (Ct,) or null
   const unsigned char* key_valid;   // (B, K) bool, true = takes part; or null
   const unsigned char* query_valid; // (B, T) bool; or null
-  // forward outputs: kl (B, Ct) in nats; map: stat0 / stat1 = base-2 log-sum-exp of
-  // Z / A over the map, (B, Ct); row: stat0 = base-2 log-sum-exp of the Z row, stat1 =
-  // the teacher row's mass P over valid keys, (B, Ct, T).
+  // forward outputs: kl (B, Ct) in nats; map: stat0 = base-2 log-sum-exps of Z and of A
+  // over the map, stat1 = (shift, residual) with lseZ - lseA = shift + residual in nats
+  // (see MapStats), each (B, Ct, 2); row: stat0 = base-2 log-sum-exp of the Z row,
+  // stat1 = the teacher row's mass P over valid keys, (B, Ct, T).
   float* kl;
   float* stat0;
   float* stat1;
@@ -228,34 +229,88 @@ A2D_HD void store4(float* p, const float v[4]) {
 }
 
 // ---------------------------------------------------------------------------------
+// Series for the near-distribution forms below (the same ones the Triton kernels use,
+// a2d_kernels/ops/_triton_tiles.py): where the student map is close to the teacher's,
+// the KL and dZ are second-order small differences of first-order terms, and the direct
+// formulas lose most of their digits in fp32.
+
+// exp(x) - 1 - x, accurate (relative) also for small |x| where it is ~x^2 / 2: Taylor
+// series to x^11 for |x| < 1/2; elsewhere the direct form loses at most a factor ~10.
+A2D_HD float expm1_minus_x(float x) {
+  if (!(fabsf(x) < 0.5f)) return expm1f(x) - x;
+  float y = fmaf(x, 0.09090909090909091f, 1.f);
+  y = fmaf(x * 0.1f, y, 1.f);
+  y = fmaf(x * 0.1111111111111111f, y, 1.f);
+  y = fmaf(x * 0.125f, y, 1.f);
+  y = fmaf(x * 0.14285714285714285f, y, 1.f);
+  y = fmaf(x * 0.16666666666666666f, y, 1.f);
+  y = fmaf(x * 0.2f, y, 1.f);
+  y = fmaf(x * 0.25f, y, 1.f);
+  y = fmaf(x * 0.3333333333333333f, y, 1.f);
+  return 0.5f * x * x * y;
+}
+
+// log(1 + s) - s for |s| < 1/2, accurate also where it is ~-s^2 / 2. With u = s / (2 + s),
+// log1p(s) = 2 atanh(u) and 2u - s = -s^2 / (2 + s) has no cancellation; |u| <= 1/3.
+A2D_HD float log1p_minus_x(float s) {
+  const float u = s / (2.f + s), u2 = u * u;
+  float series = 1.f / 17.f;
+  series = fmaf(u2, series, 1.f / 15.f);
+  series = fmaf(u2, series, 1.f / 13.f);
+  series = fmaf(u2, series, 1.f / 11.f);
+  series = fmaf(u2, series, 1.f / 9.f);
+  series = fmaf(u2, series, 1.f / 7.f);
+  series = fmaf(u2, series, 1.f / 5.f);
+  series = fmaf(u2, series, 1.f / 3.f);
+  return -s * s / (2.f + s) + 2.f * u * u2 * series;
+}
+
+// ---------------------------------------------------------------------------------
 // Running statistics.
 //
-// "map" mode, one (b, c) map, logits in base 2 (z2 = z log2 e, a2 = a log2 e): with
-// running maxima mz, ma of z2, a2,
-//   sz = sum 2^(z2 - mz), sa = sum 2^(a2 - ma), u = sum 2^(a2 - ma) * ((a2 - ma) - (z2 - mz)),
-// so KL = ln2 * u / sa + ln(sz / sa). u is kept relative to the maxima (rather than
-// accumulating a - z and subtracting log-sum-exps at the end) so that a large common
-// shift of the logits (a big bias) does not cancel catastrophically.
+// "map" mode, one (b, c) map. Logits arrive in base 2 (z2 = z log2 e, a2 = a log2 e);
+// mz, ma are running maxima of z2, a2, sz = sum 2^(z2 - mz), sa = sum 2^(a2 - ma), and
+// e = 2^(a2 - ma) is the unnormalized teacher probability p. With y = z - a (nats) and a
+// center c (the e-weighted mean of y over the first group of entries a thread sees, so
+// y - c is of the size of y's spread):
+//   u = sum e (y - c),  h = sum e expm1_minus_x(y - c),
+//   w = u / sa = E_p[y - c],  hh = h / sa,  s = w + hh = E_p[expm1(y - c)],
+//   KL = -E_p[y] + log E_p[e^y] = hh + log1p_minus_x(s)            when |s| < 1/2,
+// every term of which is of the size of the KL itself (near convergence the KL is
+// second order in the spread of y while log-sum-exps differ at first order). Far from
+// the teacher (|s| >= 1/2, or h overflowed) nothing cancels and the max-based form is
+// used: KL = ln2 (mz - ma) + ln(sz / sa) - (c + w).
 struct MapStats {
-  float mz, sz, ma, sa, u;
+  float mz, sz, ma, sa, u, h, center;
 };
 
-A2D_HD MapStats map_empty() { return MapStats{-INFINITY, 0.f, -INFINITY, 0.f, 0.f}; }
+A2D_HD MapStats map_empty() { return MapStats{-INFINITY, 0.f, -INFINITY, 0.f, 0.f, 0.f, 0.f}; }
 
-// Merge two partial statistics (any order gives the same value up to rounding; callers
-// always merge in a fixed order, so results are reproducible bit for bit).
+// (u, h) of statistics about center c_own re-expressed about c, d = c_own - c: with
+// x = y - c_own, y - c = x + d and expm1_minus_x(x + d) = e^d expm1_minus_x(x) +
+// expm1(d) x + expm1_minus_x(d), summed with weights e (total sa). Exact algebra.
+A2D_HD void map_shift_center(float& u, float& h, float sa, float d) {
+  const float u0 = u;
+  u = fmaf(d, sa, u0);
+  h = expf(d) * h + expm1f(d) * u0 + expm1_minus_x(d) * sa;
+}
+
+// Merge two partial statistics; the result keeps x's center (callers always merge in a
+// fixed order, so results are reproducible bit for bit).
 A2D_HD MapStats map_merge(const MapStats& x, const MapStats& y) {
-  if (x.sz == 0.f) return y;  // sz >= 1 as soon as one entry was seen
-  if (y.sz == 0.f) return x;
+  if (x.sa == 0.f) return y;  // sa >= 1 as soon as one entry was seen
+  if (y.sa == 0.f) return x;
   MapStats r;
   r.mz = fmaxf(x.mz, y.mz);
   r.ma = fmaxf(x.ma, y.ma);
   r.sz = x.sz * exp2f(x.mz - r.mz) + y.sz * exp2f(y.mz - r.mz);
   const float fx = exp2f(x.ma - r.ma), fy = exp2f(y.ma - r.ma);
   r.sa = x.sa * fx + y.sa * fy;
-  // Re-base each u on the new maxima: (a - ma') = (a - ma) - dA, (z - mz') = (z - mz) - dZ.
-  r.u = fx * (x.u + ((r.mz - x.mz) - (r.ma - x.ma)) * x.sa) +
-        fy * (y.u + ((r.mz - y.mz) - (r.ma - y.ma)) * y.sa);
+  r.center = x.center;
+  float uy = y.u * fy, hy = y.h * fy;
+  map_shift_center(uy, hy, y.sa * fy, y.center - x.center);
+  r.u = fmaf(x.u, fx, uy);
+  r.h = fmaf(x.h, fx, hy);
   return r;
 }
 
@@ -272,28 +327,48 @@ A2D_HD void map_add4(MapStats& s, const float z[4], const float a[4], const bool
   if (!(ok[0] || ok[1] || ok[2] || ok[3])) return;
   const float mz = fmaxf(s.mz, zmax), ma = fmaxf(s.ma, amax);
   const float rz = exp2f(s.mz - mz), ra = exp2f(s.ma - ma);  // 0 for an empty s
-  float sz = s.sz * rz, sa = s.sa * ra;
-  float u = s.sz == 0.f ? 0.f : ra * (s.u + ((mz - s.mz) - (ma - s.ma)) * s.sa);
+  float e[4], y[4];
+  A2D_UNROLL
+  for (int j = 0; j < 4; ++j) {
+    e[j] = ok[j] ? exp2f(a[j] - ma) : 0.f;
+    y[j] = ok[j] ? (z[j] - a[j]) * kLn2 : 0.f;
+  }
+  float center = s.center;
+  if (s.sa == 0.f)  // the first entries this thread sees set its center
+    center = (e[0] * y[0] + e[1] * y[1] + e[2] * y[2] + e[3] * y[3]) / (e[0] + e[1] + e[2] + e[3]);
+  float sz = s.sz * rz, sa = s.sa * ra, u = s.u * ra, h = s.h * ra;
   A2D_UNROLL
   for (int j = 0; j < 4; ++j) {
     if (ok[j]) {
-      const float za = z[j] - mz, aa = a[j] - ma;
-      const float ea = exp2f(aa);
-      sz += exp2f(za);
-      sa += ea;
-      u += ea * (aa - za);
+      const float d = y[j] - center;
+      sz += exp2f(z[j] - mz);
+      sa += e[j];
+      u = fmaf(e[j], d, u);
+      // Far from the teacher this may overflow (inf * 0 = NaN where e underflows);
+      // map_kl then takes the max-based form.
+      h = fmaf(e[j], expm1_minus_x(d), h);
     }
   }
-  s = MapStats{mz, sz, ma, sa, u};
+  s = MapStats{mz, sz, ma, sa, u, h, center};
 }
 
-A2D_HD float map_kl(const MapStats& s) {
+// The KL of finished statistics, and what backward needs: base-2 log-sum-exps of Z and
+// A, and lseZ - lseA (nats) split as shift + residual so that backward forms
+// (y - shift) - residual without rounding a large shift into a small log ratio.
+struct MapResult {
+  float kl, lse_z, lse_a, shift, residual;
+};
+
+A2D_HD MapResult map_result(const MapStats& s) {
+  if (s.sa == 0.f) return MapResult{0.f, 0.f, 0.f, 0.f, 0.f};  // fully masked: no loss, no gradient
+  const float w = s.u / s.sa, hh = s.h / s.sa, sum = w + hh;
+  const float lse_z = s.mz + log2f(s.sz), lse_a = s.ma + log2f(s.sa);
+  if (fabsf(sum) < 0.5f)
+    return MapResult{hh + log1p_minus_x(sum), lse_z, lse_a, s.center, log1pf(sum)};
   // log(sz / sa), not log(sz) - log(sa): both logs are ~log(T*K) and would cancel.
-  return s.sz == 0.f ? 0.f : kLn2 * s.u / s.sa + logf(s.sz / s.sa);
+  const float delta = fmaf(kLn2, s.mz - s.ma, logf(s.sz / s.sa));
+  return MapResult{delta - (s.center + w), lse_z, lse_a, 0.f, delta};
 }
-// Base-2 log-sum-exps of z2 and a2 (what backward needs; saved, never shown to users).
-A2D_HD float map_lse_z(const MapStats& s) { return s.sz == 0.f ? 0.f : s.mz + log2f(s.sz); }
-A2D_HD float map_lse_a(const MapStats& s) { return s.sz == 0.f ? 0.f : s.ma + log2f(s.sa); }
 
 // "row" mode, one (b, c, t) row over its valid keys, teacher row a used as given
 // probabilities, student logits in base 2 (z2): m, s = running max / sum 2^(z2 - m);
@@ -458,6 +533,10 @@ A2D_HD void mix4(const float (&w)[CS_MAX], const float* s_rows, int Cs, int KCP,
 }
 
 // Forward, thread (c, g): fold this tile's entries of row g, channel c into the stats.
+// Map mode folds the tile into its own statistics first and merges them into the
+// thread's once: a two-level sum, so the fp32 error of the running sums grows with the
+// entries per tile plus the tiles per thread, not with their product (a thread of a
+// long map on a GPU with few SMs sees ~10^4 entries).
 template <int CS_MAX>
 A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, const Role& role,
                            const float (&w)[CS_MAX], int kc_len, MapStats& ms, RowStats& rs) {
@@ -469,6 +548,7 @@ A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, const 
   const float bias = thread_bias2(p, sm, c);
   // map: the teacher values are logits too, so they go to base 2; row: probabilities.
   const float a_scale = a.mode == kMap ? kLog2e : 1.f;
+  MapStats tile = map_empty();
   for (int kk = 4 * role.h; kk < kc_len; kk += 4 * p.H) {
     float z[4];
     mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, bias, z);
@@ -476,9 +556,10 @@ A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, const 
     const float av[4] = {a4.x * a_scale, a4.y * a_scale, a4.z * a_scale, a4.w * a_scale};
     const F4 k4 = load4(key_ok + kk);
     const bool ok[4] = {k4.x != 0.f, k4.y != 0.f, k4.z != 0.f, k4.w != 0.f};
-    if (a.mode == kMap) map_add4(ms, z, av, ok);
+    if (a.mode == kMap) map_add4(tile, z, av, ok);
     else row_add4(rs, z, av, ok);
   }
+  if (a.mode == kMap) ms = map_merge(ms, tile);
 }
 
 // Row mode, after the last key chunk of row t: the row's lse, teacher mass and KL.
@@ -490,13 +571,15 @@ A2D_HD void forward_row_done(const Args& a, int b, int c, int t, const RowStats&
   a.work[i] = row_kl(rs);
 }
 
-A2D_HD MapStats map_read(const float* src) { return MapStats{src[0], src[1], src[2], src[3], src[4]}; }
-
-A2D_HD void map_write(float* dst, const MapStats& s) {
-  dst[0] = s.mz; dst[1] = s.sz; dst[2] = s.ma; dst[3] = s.sa; dst[4] = s.u;
+A2D_HD MapStats map_read(const float* src) {
+  return MapStats{src[0], src[1], src[2], src[3], src[4], src[5], src[6]};
 }
 
-// Staging slot of a thread's 5-float statistics in the shared-memory region.
+A2D_HD void map_write(float* dst, const MapStats& s) {
+  dst[0] = s.mz; dst[1] = s.sz; dst[2] = s.ma; dst[3] = s.sa; dst[4] = s.u; dst[5] = s.h; dst[6] = s.center;
+}
+
+// Staging slot of a thread's kMapFields-float statistics in the shared-memory region.
 A2D_HD float* stash_slot(const Args& a, const Plan& p, float* sm, int c, int slot) {
   return sm + p.off_s + (slot * a.Ct + c) * kMapFields;
 }
@@ -540,9 +623,12 @@ A2D_HD void map_finish(const Args& a, const Plan& p, int i) {
   MapStats acc = map_empty();
   for (int blk = 0; blk < p.n_blocks; ++blk)
     acc = map_merge(acc, map_read(a.work + ((int64_t(b) * p.n_blocks + blk) * a.Ct + c) * kMapFields));
-  a.kl[i] = map_kl(acc);
-  a.stat0[i] = map_lse_z(acc);
-  a.stat1[i] = map_lse_a(acc);
+  const MapResult r = map_result(acc);
+  a.kl[i] = r.kl;
+  a.stat0[2 * int64_t(i)] = r.lse_z;
+  a.stat0[2 * int64_t(i) + 1] = r.lse_a;
+  a.stat1[2 * int64_t(i)] = r.shift;
+  a.stat1[2 * int64_t(i) + 1] = r.residual;
 }
 
 A2D_HD void row_finish(const Args& a, int i) {
@@ -552,15 +638,32 @@ A2D_HD void row_finish(const Args& a, int i) {
   a.kl[i] = sum;
 }
 
+// What backward reads per map (map mode: lse_z, lse_a, shift, residual of MapResult) or
+// per row (row mode: s0 = the row's base-2 lse of Z, s1 = its teacher mass P).
+struct SavedStats {
+  float s0, s1, s2, s3;
+};
+
+A2D_HD SavedStats saved_map(const Args& a, int b, int c) {
+  const int64_t i = 2 * (int64_t(b) * a.Ct + c);
+  return SavedStats{a.stat0[i], a.stat0[i + 1], a.stat1[i], a.stat1[i + 1]};
+}
+
+A2D_HD SavedStats saved_row(const Args& a, int b, int c, int t) {
+  const int64_t i = (int64_t(b) * a.Ct + c) * a.T + t;
+  return SavedStats{a.stat0[i], a.stat1[i], 0.f, 0.f};
+}
+
 // Backward, thread (c, g): dZ for this tile's entries of row g, channel c, written over
 // the teacher tile (only this thread reads that line), and folded into d_weight / d_bias.
-//   map: dZ = g * (q - p) = g * (2^(z2 - lseZ2) - 2^(a2 - lseA2));
+//   map: dZ = g * (q - p), q = 2^(z2 - lseZ2), p = 2^(a2 - lseA2); near the teacher
+//        (|log(q / p)| < 1/2, where q - p would cancel) as g * p * expm1(log(q / p)),
+//        log(q / p) = (y - shift) - residual;
 //   row: dZ = g * (q * P - a) = g * (2^(z2 - lse2) * P - a);
-// zero where the entry does not take part (stat0 / stat1: the saved base-2 statistics).
+// zero where the entry does not take part.
 template <int CS_MAX>
 A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, const Role& role, const float (&w)[CS_MAX],
-                            int kc_len, float gscale, float stat0, float stat1, float (&dw)[CS_MAX],
-                            float& db) {
+                            int kc_len, float gscale, const SavedStats& st, float (&dw)[CS_MAX], float& db) {
   const int c = role.c, g = role.g;
   const float* s_rows = sm + p.off_s + g * a.Cs * p.KCP;
   float* a_row = sm + p.off_a + (g * a.Ct + c) * p.KCP;
@@ -576,9 +679,14 @@ A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, const Role&
       const float av[4] = {a4.x, a4.y, a4.z, a4.w}, ok[4] = {k4.x, k4.y, k4.z, k4.w};
       A2D_UNROLL
       for (int j = 0; j < 4; ++j) {
-        if (ok[j] != 0.f) {
-          dz[j] = a.mode == kMap ? gscale * (exp2f(z[j] - stat0) - exp2f(fmaf(av[j], kLog2e, -stat1)))
-                                 : gscale * (exp2f(z[j] - stat0) * stat1 - av[j]);
+        if (ok[j] == 0.f) continue;
+        if (a.mode == kMap) {
+          const float a2 = av[j] * kLog2e;  // as forward_thread scales it
+          const float pj = exp2f(a2 - st.s1);
+          const float log_ratio = ((z[j] - a2) * kLn2 - st.s2) - st.s3;
+          dz[j] = gscale * (fabsf(log_ratio) < 0.5f ? pj * expm1f(log_ratio) : exp2f(z[j] - st.s0) - pj);
+        } else {
+          dz[j] = gscale * (exp2f(z[j] - st.s0) * st.s1 - av[j]);
         }
       }
     }

@@ -144,7 +144,7 @@ class _Launch:
     def forward(self) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         p = self.problem
         B, Ct, T = p.batch, p.teacher_channels, p.queries
-        stat_shape = (B, Ct) if p.normalize == "map" else (B, Ct, T)
+        stat_shape = (B, Ct, 2) if p.normalize == "map" else (B, Ct, T)
         kl, stat0, stat1 = self._floats(B, Ct), self._floats(*stat_shape), self._floats(*stat_shape)
         work = self._floats(self.plan["forward_work_floats"])
         table = _channel_table(self.student) + _channel_table(self.teacher)
@@ -196,7 +196,8 @@ class CudaA2D:
 
     def saved_specs(self, problem: A2DProblem):
         B, Ct, T = problem.batch, problem.teacher_channels, problem.queries
-        shape = (B, Ct) if problem.normalize == "map" else (B, Ct, T)
+        # map: (lseZ, lseA) and (shift, residual) per map; row: lse and mass per row (csrc Args)
+        shape = (B, Ct, 2) if problem.normalize == "map" else (B, Ct, T)
         return ((shape, torch.float32), (shape, torch.float32))
 
     def forward(self, problem: A2DProblem):
