@@ -195,6 +195,12 @@ def test_gpu_check_compares_with_float64_and_can_fail(tmp_path, monkeypatch):
     rows = gpu_correctness.check_backend("reference", tmp_path, device="cpu", shapes=[TINY])
     assert len(rows) == 2 * 2 + 2 and all(r["pass"] and r["deterministic"] for r in rows)
     assert json.loads((tmp_path / "check_reference.json").read_text()) == rows
+    # The fp32 reference's own error sits next to each error: for the reference backend
+    # on fp32 inputs it is the very same computation.
+    for r in rows:
+        if r["dtype"] == "fp32":
+            assert r["floor_loss"] == r["err_loss"] and r["floor_dweight"] == r["err_dweight"]
+        assert "[fp32 ref " in gpu_correctness.check_line(r)
 
     real = a2d_kernels.a2d_kl
 
