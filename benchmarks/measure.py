@@ -5,12 +5,18 @@ to run (contenders, shapes) lives in ``contenders.py`` and ``bench_a2d.py``.
 
 On a GPU a measurement is:
 - warm-up calls (JIT compilation, autotuning, allocator growth happen here),
-- then ``reps`` timed calls, each bracketed by CUDA events, so the time is the GPU's
-  (plus any host launch latency the GPU had to wait for: that is a real cost),
+- then ``reps`` timed calls, each bracketed by CUDA events, so the time is the GPU's,
 - before each timed call an untimed ``setup`` (e.g. the forward whose backward is
-  timed) and an L2 flush; the inputs also rotate over several copies whose total size
-  exceeds the L2 cache, so a small shape is never timed on data already on chip,
+  timed) and an L2 flush (a read of a buffer larger than the L2: it leaves no dirty
+  lines whose write-back the timed call would pay for); the inputs also rotate over
+  several copies whose total size exceeds the L2 cache, so a small shape is never
+  timed on data already on chip,
 - median with p20/p80 over the repeats (the spread Liger-Kernel reports too),
+- the host-inclusive time per call (``wall_ms``): the same calls back to back between
+  two synchronizations, divided by their count. The event times hide host work that
+  overlaps the previous flush; a training loop does not hide it, so a small shape whose
+  Python-side argument checking and launches take longer than its kernels shows it
+  here. Only without ``setup`` (a timed backward cannot be separated from its forward),
 - peak memory above what was allocated when the timed call started, from
   ``torch.cuda.max_memory_allocated`` deltas in one extra, separate call.
 
@@ -39,6 +45,7 @@ class Timing:
     p80_ms: float
     reps: int
     first_call_s: Optional[float] = None  # compilation / JIT / autotuning included
+    wall_ms: Optional[float] = None       # host-inclusive, back to back (module docstring)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,16 +97,18 @@ def rotation_count(bytes_per_set: int, device: torch.device, cap: int = 4) -> in
 
 
 class _Flusher:
-    """Overwrites a buffer larger than the L2 cache: the next call starts cold."""
+    """Reads a buffer larger than the L2 cache: the next call starts cold. A read, not a
+    write: dirty lines left in the L2 would be written back during the timed call."""
 
     def __init__(self, device: torch.device):
-        self.buf = None
+        self.buf = self.out = None
         if device.type == "cuda":
-            self.buf = torch.empty(_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+            self.buf = torch.zeros(_FLUSH_BYTES // 4 // 1024, 1024, dtype=torch.float32, device=device)
+            self.out = torch.empty(1024, dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
         if self.buf is not None:
-            self.buf.zero_()
+            torch.sum(self.buf, dim=0, out=self.out)
 
 
 def _sync(device: torch.device) -> None:
@@ -155,6 +164,12 @@ def time_call(
             del state
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        if setup is None:
+            wall_start = time.perf_counter()
+            for i in range(reps):
+                timed(inputs[i % len(inputs)])
+            torch.cuda.synchronize(device)
+            wall_ms = (time.perf_counter() - wall_start) * 1e3 / reps
     else:
         for i in range(reps):
             state = prepare(inputs[i % len(inputs)])
@@ -164,6 +179,8 @@ def time_call(
             del state
     timing = summarize(times)
     timing.first_call_s = first_call_s
+    if device.type == "cuda" and setup is None:
+        timing.wall_ms = wall_ms
     return timing
 
 

@@ -75,7 +75,7 @@ def _mib(b: Optional[int]) -> str:
 def markdown_table(records: Iterable[dict], phases: Optional[Iterable[str]] = None) -> str:
     """One row per record; columns explained in benchmarks/README.md."""
     keep = set(phases) if phases is not None else None
-    header = ("| shape (B,T,K,Cs,Ct) | mode | dtype | phase | contender | median ms | p20-p80 ms "
+    header = ("| shape (B,T,K,Cs,Ct) | mode | dtype | phase | contender | median ms | p20-p80 ms | host-incl. ms "
               "| x eager | x compiled | GB/s | x floor | peak extra MiB | mem/eager | workspace/eager | status |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in records:
@@ -88,6 +88,7 @@ def markdown_table(records: Iterable[dict], phases: Optional[Iterable[str]] = No
         lines.append(
             f"| {shape} | {r['mode']} | {r['dtype']} | {r['phase']} | {r['contender']} "
             f"| {_fmt(r.get('median_ms') if ok else None, '.3f')} | {spread} "
+            f"| {_fmt(r.get('wall_ms') if ok else None, '.3f')} "
             f"| {_fmt(r.get('x_eager'), '.2f')} | {_fmt(r.get('x_compiled'), '.2f')} "
             f"| {_fmt(r.get('achieved_gbps'), '.3g')} | {_fmt(r.get('x_floor'), '.2f')} "
             f"| {_mib(r.get('peak_extra_bytes'))} | {_fmt(r.get('memory_vs_eager'), '.3f')} "
