@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One offline call on a GPU machine: build the CUDA extension (A2D_BUILD_CUDA=1, this
 # GPU's architecture only), check every fused backend against the float64 reference,
-# run the GPU test files, then time everything (bench_a2d.py --isolate, bench_e2e.py).
+# then time everything (bench_a2d.py --isolate, bench_e2e.py).
 # The stages and their timeouts are benchmarks/gpu_check.py's (its docstring); this
 # wrapper sets up the environment, keeps the whole run inside one deadline and always
 # exits 0 with a summary as its last lines, so the output comes back whatever failed.
@@ -12,12 +12,12 @@
 #
 # optionally prefixed with A2D_COMMIT=<sha> (the machine gets no .git; the summary
 # also records a hash of the sources). It takes about 9.5 minutes plus the machine's
-# start, of the session's 30 device minutes. The first call spends most of its time on
-# correctness (check, tests) and gives the benchmark what is left (realistic shapes
-# first); a second call for the QK-mode T sweep (issue 8, at most 180 s) and the full
-# benchmark, its T sweep included:
+# start, of the session's 30 device minutes. The first call checks correctness (the
+# check stage, up to ~250 s) and gives the benchmark what is left, about 3 minutes
+# (realistic shapes first: the targets). A second call runs the GPU test files, the
+# QK-mode T sweep (issue 8, at most 180 s) and more of the benchmark:
 #
-#     run(command="A2D_STAGES=env,build,qk,bench,e2e bash scripts/gpu_check.sh", timeout_s=600)
+#     run(command="A2D_STAGES=env,build,tests,qk,bench bash scripts/gpu_check.sh", timeout_s=600)
 #
 # What comes back in $OUT (at most 8 files, all
 # refreshed after every stage, so a run cut short still returns what it did):
@@ -37,7 +37,7 @@
 # benchmarks/results/<date>-gpu-check/.
 #
 # Knobs: A2D_DEADLINE_S (default 550: all stages, of the tool's 600 s), A2D_STAGES
-# (default env,build,check,tests,bench,e2e; "all" adds qk), A2D_CUDA_ARCHS (default: the GPU's
+# (default env,build,check,bench,e2e; "all" is every stage), A2D_CUDA_ARCHS (default: the GPU's
 # compute capability), A2D_SMOKE=1 (no GPU: checks this script on a CPU machine),
 # PYTHON (default python3).
 set -uo pipefail
@@ -88,7 +88,7 @@ SMOKE=()
 # gpu_check.py keeps its own deadline; `timeout` is the backstop should it hang itself
 # (TERM first: it then kills its running step, writes the summary and exports).
 timeout -k 15 "$(( left + 25 ))" "$PY" benchmarks/gpu_check.py --out "$WORK" ${EXPORT[@]+"${EXPORT[@]}"} \
-  --stages "${A2D_STAGES:-env,build,check,tests,bench,e2e}" --deadline-s "$left" ${SMOKE[@]+"${SMOKE[@]}"}
+  --stages "${A2D_STAGES:-env,build,check,bench,e2e}" --deadline-s "$left" ${SMOKE[@]+"${SMOKE[@]}"}
 rc=$?
 
 if [ "$rc" -ne 0 ]; then
