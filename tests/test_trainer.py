@@ -417,6 +417,23 @@ def test_teacher_that_does_not_match_the_preset_is_a_clear_error(toy, tmp_path):
     assert not run.exists()
 
 
+def test_a_student_must_use_the_teachers_tokenizer(toy, tmp_path):
+    import shutil
+
+    from a2d_trainer.data import Tokenizer
+    from a2d_trainer.train import train
+
+    other = Tokenizer.train([f"word{i} other{i % 7} text" for i in range(200)], tmp_path / "other", 48)
+    run = tmp_path / "student"
+    with pytest.raises(ValueError, match="is not the teacher's .*needs the teacher's tokenizer"):
+        train(train_config(toy["data"], run, preset="micro-student", kd="word", teacher=str(toy["teacher"]),
+                           tokenizer=str(other.model_path), max_steps=1))
+    assert not run.exists()
+    same = shutil.copy(toy["teacher"].parent / "spm.model", tmp_path / "copy.model")  # the same pieces: fine
+    assert train(train_config(toy["data"], run, preset="micro-student", kd="word", teacher=str(toy["teacher"]),
+                              tokenizer=str(same), max_steps=1))["steps"] == 1
+
+
 def test_a_fresh_run_refuses_to_overwrite_an_existing_one(toy):
     from a2d_trainer.train import train
 

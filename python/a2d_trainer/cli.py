@@ -29,7 +29,7 @@ def _add_training_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--data", required=True, help="folder with {train,valid}.{src,tgt}")
     p.add_argument("--run-dir", required=True, help="output folder: checkpoints, log.jsonl, plot, tokenizer")
     p.add_argument("--preset", default=preset, choices=sorted(PRESETS))
-    p.add_argument("--tokenizer", help="sentencepiece .model to use instead of training one / the teacher's")
+    p.add_argument("--tokenizer", help="sentencepiece .model to use instead of training one (with a teacher: its pieces must be the teacher's)")
     p.add_argument("--vocab-size", type=int, default=4000, help="pieces, when a tokenizer is trained")
     p.add_argument("--max-len", type=int, default=128, help="max subword tokens per sentence")
     p.add_argument("--max-tokens", type=int, default=4096, help="token budget per micro-batch")

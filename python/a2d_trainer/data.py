@@ -108,6 +108,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    def pieces(self) -> tuple[str, ...]:
+        """Every piece, by id: two tokenizers with equal pieces map text to the same ids."""
+        return tuple(self._sp.id_to_piece(i) for i in range(self.vocab_size))
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; PAD/BOS/EOS are dropped (cutting at EOS is the decoder's job)."""
         return self._sp.decode([int(i) for i in ids if int(i) not in self._special])

@@ -300,16 +300,20 @@ def _prepare_tokenizer(cfg: TrainConfig, ctx: DistContext, train_pairs, teacher_
 
     run_dir = Path(cfg.run_dir)
     target = run_dir / TOKENIZER_FILE
-    source = None
-    if cfg.tokenizer:
-        source = Path(cfg.tokenizer)
-    elif teacher_ckpt_path is not None:
-        ckpt = read_checkpoint(teacher_ckpt_path)
-        source = Path(teacher_ckpt_path).parent / ckpt["tokenizer"]
+    source = teachers = None
+    if teacher_ckpt_path is not None:
+        teachers = Path(teacher_ckpt_path).parent / read_checkpoint(teacher_ckpt_path)["tokenizer"]
+    source = Path(cfg.tokenizer) if cfg.tokenizer else teachers
     if ctx.is_main:
         if source is not None:
             if not source.is_file():
                 raise FileNotFoundError(f"tokenizer {source} does not exist")
+            if teachers is not None and source != teachers and \
+                    Tokenizer.load(source).pieces() != Tokenizer.load(teachers).pieces():
+                # KD compares the two models' distributions id by id: one vocabulary.
+                raise ValueError(f"tokenizer {source} is not the teacher's ({teachers}): distillation compares "
+                                 f"the two models' token distributions id by id, so the student needs the "
+                                 f"teacher's tokenizer; leave --tokenizer out to use it")
             if source.resolve() != target.resolve():
                 with atomic.atomic_path(target) as tmp:
                     shutil.copyfile(source, tmp)
