@@ -336,3 +336,30 @@ def test_overhead_small_forward(benchmark):
     with torch.no_grad():
         loss = benchmark(a2d_kl, x.student, x.teacher, x.weight, x.bias, backend="reference")
     assert torch.isfinite(loss) and loss > 0
+
+
+@needs_benchmark
+def test_overhead_fused_host_path(benchmark, monkeypatch):
+    """Everything the Triton backend does on the host for one forward+backward (argument
+    checks, dispatch, autograd, tile plans, launch arguments, allocations), with the
+    kernel launches stubbed out: the Python-side cost a small GPU case pays on top of its
+    kernels. Only runs where the interpreter is on (conftest sets it without a GPU)."""
+    triton_a2d = pytest.importorskip("a2d_kernels.ops.triton_a2d")
+    if not triton_a2d.INTERPRETED:
+        pytest.skip("needs TRITON_INTERPRET=1 (CPU tensors through the Triton backend)")
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    for kernel in ("map_forward_partials", "map_forward_combine", "row_forward", "a2d_backward"):
+        monkeypatch.setattr(triton_a2d, kernel, NoLaunch())
+    x = cases.make_inputs(cases.Shape("iwslt-host", B=64, T=64, K=64, Cs=12, Ct=24), torch.float32, "cpu")
+    wrt = [*x.student, x.weight, x.bias]
+
+    def step():
+        loss = a2d_kl(x.student, x.teacher, x.weight, x.bias, backend="triton")
+        return torch.autograd.grad(loss, wrt)
+
+    grads = benchmark(step)
+    assert [g.shape for g in grads] == [t.shape for t in wrt]
