@@ -26,7 +26,7 @@ inline std::string make_plan(const Args& a, int num_sms, int max_rows, int max_k
     return "the CUDA kernels take at most " + std::to_string(kThreads) + " teacher channels, got Ct=" +
            std::to_string(a.Ct);
   Plan p{};
-  const int fixed_params = a.Ct * a.Cs + a.Ct;
+  const int fixed_params = a.Ct * a.Cs;
   // Keys per tile: a warp-wide line (32) when the rows are long enough, else the row.
   int kc = a.K < 32 ? a.K : 32;
   if (max_keys > 0 && kc > max_keys) kc = max_keys;
@@ -62,8 +62,7 @@ inline std::string make_plan(const Args& a, int num_sms, int max_rows, int max_k
   p.off_s = 0;
   p.off_a = p.G * a.Cs * p.KCP;
   p.off_w = p.region;                       // multiples of 4: float4 alignment holds
-  p.off_bias = p.off_w + a.Ct * a.Cs;
-  p.off_key_ok = (p.off_bias + a.Ct + 3) / 4 * 4;  // float4-aligned: read 4 flags at once
+  p.off_key_ok = (p.off_w + a.Ct * a.Cs + 3) / 4 * 4;  // float4-aligned: read 4 flags at once
   p.off_row_ok = p.off_key_ok + p.KCP;
   p.smem_floats = p.off_row_ok + p.G;
   if (p.smem_floats > kSmemFloats)

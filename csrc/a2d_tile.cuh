@@ -51,7 +51,7 @@ constexpr int kMaxStudent = 64;        // Cs limit (row of the mixing matrix in 
 constexpr int kSmemFloats = 12 * 1024; // 48 KiB: no opt-in needed on any architecture
 constexpr int kMapFields = 7;          // floats per MapStats in the partial buffers
 
-// Logits are handled in base 2 inside the kernels: the mixing row and bias are scaled
+// Logits are handled in base 2 inside the kernels: the mixing row is scaled
 // by log2(e) once (so z2 = z * log2(e) costs nothing) and teacher logits are scaled on
 // load, so every exponential is one exp2f (a single MUFU.EX2 on the GPU) instead of
 // expf's extra range reduction. Statistics and saved log-sum-exps are in base-2 units;
@@ -71,7 +71,7 @@ struct Args {
   // stride being 1: Cs student rows, then Ct teacher rows, then Cs dS rows (backward).
   const int64_t* table;
   const void* weight;             // (Ct, Cs) contiguous
-  const void* bias;               // (Ct,) or null
+  const void* bias;               // (Ct,) or null; never read (see load_params), d_bias's dtype is b_dtype
   const unsigned char* key_valid;   // (B, K) bool, true = takes part; or null
   const unsigned char* query_valid; // (B, T) bool; or null
   // forward outputs: kl (B, Ct) in nats; map: stat0 = base-2 log-sum-exps of Z and of A
@@ -107,7 +107,7 @@ struct Plan {
   int n_sets;         // ceil(T / G) row sets per batch element
   int sets_per_block;
   int n_blocks;       // blocks per batch element
-  int off_s, off_a, off_w, off_bias, off_row_ok, off_key_ok, smem_floats;
+  int off_s, off_a, off_w, off_row_ok, off_key_ok, smem_floats;
   int region;         // floats at off_s usable for staging block reductions
   int dw_chunk;       // d_weight columns staged per round of the block reduction
 
@@ -288,11 +288,14 @@ A2D_HD MapStats map_empty() { return MapStats{-INFINITY, 0.f, -INFINITY, 0.f, 0.
 
 // (u, h) of statistics about center c_own re-expressed about c, d = c_own - c: with
 // x = y - c_own, y - c = x + d and expm1_minus_x(x + d) = e^d expm1_minus_x(x) +
-// expm1(d) x + expm1_minus_x(d), summed with weights e (total sa). Exact algebra.
+// expm1(d) x + expm1_minus_x(d), summed with weights e (total sa). Exact algebra, but
+// its terms grow like e^|d| while their sum does not: for |d| >= 1 nat h becomes NaN,
+// which sends the map to the max-based form (centers that far apart mean y spreads
+// over nats, where the KL is not small and that form loses nothing).
 A2D_HD void map_shift_center(float& u, float& h, float sa, float d) {
   const float u0 = u;
   u = fmaf(d, sa, u0);
-  h = expf(d) * h + expm1f(d) * u0 + expm1_minus_x(d) * sa;
+  h = fabsf(d) < 1.f ? expf(d) * h + expm1f(d) * u0 + expm1_minus_x(d) * sa : NAN;
 }
 
 // Merge two partial statistics; the result keeps x's center (callers always merge in a
@@ -444,11 +447,12 @@ A2D_HD const void* table_ptr(const Args& a, int row) {
   return reinterpret_cast<const void*>(static_cast<uintptr_t>(a.table[3 * row]));
 }
 
-// Mixing matrix and bias into shared memory as fp32.
+// Mixing matrix into shared memory as fp32. The bias is never read: both softmaxes
+// ignore a per-channel shift of Z (over the whole map, or over each row), so it cancels
+// from the loss and from dZ exactly, and leaving it out keeps the logits, and their
+// rounding, small (as the Triton kernels do).
 A2D_HD void load_params(const Args& a, const Plan& p, float* sm, int tid, int nth) {
   for (int i = tid; i < a.Ct * a.Cs; i += nth) sm[p.off_w + i] = load_elem(a.weight, i, a.w_dtype);
-  for (int i = tid; i < a.Ct; i += nth)
-    sm[p.off_bias + i] = a.bias ? load_elem(a.bias, i, a.b_dtype) : 0.f;
 }
 
 // Stage rows t0..t0+G-1, keys k0..k0+KC-1 of every student and teacher channel (fp32),
@@ -504,22 +508,19 @@ A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, in
   }
 }
 
-// Row c of the mixing matrix into registers, times log2(e) (zero past Cs), and the
-// matching base-2 bias: mixing with them gives z2 = z * log2(e) directly.
+// Row c of the mixing matrix into registers, times log2(e) (zero past Cs): mixing with
+// it gives z2 = z * log2(e) directly.
 template <int CS_MAX>
 A2D_HD void thread_weights(const Args& a, const Plan& p, const float* sm, int c, float (&w)[CS_MAX]) {
   A2D_UNROLL
   for (int k = 0; k < CS_MAX; ++k) w[k] = k < a.Cs ? sm[p.off_w + c * a.Cs + k] * kLog2e : 0.f;
 }
 
-A2D_HD float thread_bias2(const Plan& p, const float* sm, int c) { return sm[p.off_bias + c] * kLog2e; }
-
-// z[j] = bias + sum_k w[k] * S[k, kk + j], j < 4, accumulated in k order with fmaf
-// (the same order and rounding on the host and the device).
+// z[j] = sum_k w[k] * S[k, kk + j], j < 4 (the bias left out, see load_params),
+// accumulated in k order with fmaf (the same order and rounding on host and device).
 template <int CS_MAX>
-A2D_HD void mix4(const float (&w)[CS_MAX], const float* s_rows, int Cs, int KCP, int kk, float bias,
-                 float z[4]) {
-  z[0] = z[1] = z[2] = z[3] = bias;
+A2D_HD void mix4(const float (&w)[CS_MAX], const float* s_rows, int Cs, int KCP, int kk, float z[4]) {
+  z[0] = z[1] = z[2] = z[3] = 0.f;
   A2D_UNROLL
   for (int k = 0; k < CS_MAX; ++k) {
     if (k < Cs) {
@@ -545,13 +546,12 @@ A2D_HD void forward_thread(const Args& a, const Plan& p, const float* sm, const 
   const float* s_rows = sm + p.off_s + g * a.Cs * p.KCP;
   const float* a_row = sm + p.off_a + (g * a.Ct + c) * p.KCP;
   const float* key_ok = sm + p.off_key_ok;
-  const float bias = thread_bias2(p, sm, c);
   // map: the teacher values are logits too, so they go to base 2; row: probabilities.
   const float a_scale = a.mode == kMap ? kLog2e : 1.f;
   MapStats tile = map_empty();
   for (int kk = 4 * role.h; kk < kc_len; kk += 4 * p.H) {
     float z[4];
-    mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, bias, z);
+    mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, z);
     const F4 a4 = load4(a_row + kk);
     const float av[4] = {a4.x * a_scale, a4.y * a_scale, a4.z * a_scale, a4.w * a_scale};
     const F4 k4 = load4(key_ok + kk);
@@ -669,12 +669,11 @@ A2D_HD void backward_thread(const Args& a, const Plan& p, float* sm, const Role&
   float* a_row = sm + p.off_a + (g * a.Ct + c) * p.KCP;
   const float* key_ok = sm + p.off_key_ok;
   const bool row_ok = sm[p.off_row_ok + g] != 0.f;
-  const float bias = thread_bias2(p, sm, c);
   for (int kk = 4 * role.h; kk < kc_len; kk += 4 * p.H) {
     float dz[4] = {0.f, 0.f, 0.f, 0.f};
     if (row_ok) {
       float z[4];
-      mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, bias, z);
+      mix4<CS_MAX>(w, s_rows, a.Cs, p.KCP, kk, z);
       const F4 a4 = load4(a_row + kk), k4 = load4(key_ok + kk);
       const float av[4] = {a4.x, a4.y, a4.z, a4.w}, ok[4] = {k4.x, k4.y, k4.z, k4.w};
       A2D_UNROLL

@@ -101,6 +101,30 @@ def test_matches_reference_with_masks(normalize, masks):
           key_padding_mask=key_mask, query_mask=query_mask)
 
 
+@pytest.mark.parametrize("spread", [50.0, 100.0])
+def test_map_mode_with_teacher_logits_spanning_many_nats(spread):
+    """Teacher values scaled up (map mode reads them as logits): the chunks' centers lie
+    far apart, where re-centering cancels in fp32 (per-map KL off 0.4-6x); the max-based
+    form must take over. Every map's KL and the gradients against float64."""
+    from a2d_kernels import reference
+
+    gen = torch.Generator().manual_seed(1)
+    B, T, K, student_heads, teacher_heads = 3, 13, 37, (3, 2), (4, 3, 1)
+
+    def maps(heads, scale=1.0):
+        return [(torch.softmax(2 * torch.randn(B, h, T, K, generator=gen, dtype=torch.float64), -1) * scale)
+                .float().to(DEVICE) for h in heads]
+
+    for _ in range(3):
+        student, teacher = maps(student_heads), maps(teacher_heads, spread)
+        weight = (torch.randn(8, 5, generator=gen) * 2 / 5 ** 0.5).to(DEVICE)
+        kl, _ = triton_a2d.forward(make_problem(student, teacher, weight, None, normalize="map"))
+        want = reference.kl_per_map(make_problem([s.double() for s in student], [a.double() for a in teacher],
+                                                 weight.double(), None, normalize="map"))
+        assert ((kl.double() - want).abs() / want.abs()).max().item() < FP32_TOL
+        check([s.requires_grad_() for s in student], teacher, weight.requires_grad_(), None, normalize="map")
+
+
 @pytest.mark.parametrize("normalize", ["map", "row"])
 def test_nan_in_masked_positions_is_never_read(normalize):
     """A model's fully padded softmax rows are NaN: excluded entries must not reach the

@@ -122,8 +122,12 @@ def _shift_center(u, h, s, d):
     with a = y - c_own, y - c = a + d and expm1_minus_x(a + d) = e^d
     expm1_minus_x(a) + expm1(d) a + expm1_minus_x(d), summed with weights e
     (total s). Exact algebra; no term is first order where the result is second
-    order."""
-    return u + d * s, tl.exp(d) * h + expm1(d) * u + expm1_minus_x(d) * s
+    order. Its terms grow like e^|d| while their sum does not, so for |d| >= 1 nat
+    H becomes NaN, which sends the map to the max-based form: centers that far
+    apart mean y spreads over nats, where the KL is not small and that form loses
+    nothing."""
+    h_shifted = tl.exp(d) * h + expm1(d) * u + expm1_minus_x(d) * s
+    return u + d * s, tl.where(tl.abs(d) < 1.0, h_shifted, float("nan"))
 
 
 @triton.jit
