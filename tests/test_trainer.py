@@ -330,11 +330,13 @@ def test_resume_continues_exactly(toy, tmp_path):
     assert straight == _curve(tmp_path / "split" / "log.jsonl")
     assert (tmp_path / "split" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
 
-    # Resuming a finished run with the same limit does nothing (no extra update, no save).
-    before = (tmp_path / "split" / "checkpoint_last.pt").read_bytes()
+    # Resuming a finished run with the same limit does nothing: no extra update, no save,
+    # the log untouched (its final partial record included).
+    files = ("checkpoint_last.pt", "log.jsonl")
+    before = [(tmp_path / "split" / f).read_bytes() for f in files]
     summary = train(train_config(toy["data"], tmp_path / "split", max_steps=4, resume=True, **kw))
     assert summary["steps"] == 4 and summary["stop_reason"] == "max_steps"
-    assert (tmp_path / "split" / "checkpoint_last.pt").read_bytes() == before
+    assert [(tmp_path / "split" / f).read_bytes() for f in files] == before
 
 
 def test_resume_refuses_changed_settings(toy, tmp_path):

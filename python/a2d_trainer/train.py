@@ -540,6 +540,9 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token
         else:  # a different process count cannot replay the same random streams
             seed_everything(cfg.seed + 1000 * step + ctx.rank)
         resumed = True
+        finished = _finished(cfg, epoch, step)
+        if finished:  # resuming a finished run: leave its checkpoints and log as they are
+            return _summary(step, epoch, best_valid, finished, last_path, best_path, run_dir)
 
     ddp = module
     if ctx.world_size > 1:
@@ -602,12 +605,8 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token
     stop_reason = None
     module.train()
     while stop_reason is None:
-        # Checked before any update too: resuming a finished run does nothing.
         if cfg.max_epochs and epoch > cfg.max_epochs:
             stop_reason = "max_epochs"
-            break
-        if cfg.max_steps and step >= cfg.max_steps:
-            stop_reason = "max_steps"
             break
         batches = batches_by_tokens(train_data, cfg.max_tokens, shuffle=True, seed=cfg.seed, epoch=epoch,
                                     rank=ctx.rank, world_size=ctx.world_size)
@@ -645,6 +644,19 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token
                 run_validation(epoch, batch_index)
     logger.write({"kind": "stop", "reason": stop_reason, "step": step, "epoch": epoch,
                   "seconds": round(time.monotonic() - start, 2)})
+    return _summary(step, epoch, best_valid, stop_reason, last_path, best_path, run_dir)
+
+
+def _finished(cfg: TrainConfig, epoch: int, step: int) -> Optional[str]:
+    """The limit a run at (epoch, step) has already reached, if any."""
+    if cfg.max_steps and step >= cfg.max_steps:
+        return "max_steps"
+    if cfg.max_epochs and epoch > cfg.max_epochs:
+        return "max_epochs"
+    return None
+
+
+def _summary(step, epoch, best_valid, stop_reason, last_path, best_path, run_dir) -> dict:
     return {"steps": step, "epoch": epoch, "best_valid_nll": best_valid, "stop_reason": stop_reason,
             "checkpoint": str(last_path), "best_checkpoint": str(best_path), "run_dir": str(run_dir)}
 
