@@ -79,6 +79,11 @@ class ReferenceKernels:
 
     def backward(self, problem: A2DProblem, saved: Tuple[Tensor, ...], grad_scale: Tensor,
                  need_student_grad: bool):
+        # fp32 (fp64) whatever autocast region the backward runs in, as kl_per_map.
+        with torch.autocast(problem.device.type, enabled=False):
+            return self._backward(problem, grad_scale, need_student_grad)
+
+    def _backward(self, problem: A2DProblem, grad_scale: Tensor, need_student_grad: bool):
         dtype = reference.compute_dtype(problem)
         valid = reference.valid_entries(problem)
         S = reference.stacked(problem.student, dtype, valid, 0.0)

@@ -127,10 +127,11 @@ def _check_side(side: str, qs: Heads, ks: Heads, device) -> Tuple[Tuple[torch.Te
     """Per-layer q (B, H, T, D) and k (B, H, K, D) of one side, checked against each other."""
     q_layers = as_layers(f"{side}_q", qs, "(B, H, T, D)", "(B, C, T, D)")
     k_layers = as_layers(f"{side}_k", ks, "(B, H, K, D)", "(B, C, K, D)")
-    for name, layers in ((f"{side}_q", q_layers), (f"{side}_k", k_layers)):
+    for name, given, layers in ((f"{side}_q", qs, q_layers), (f"{side}_k", ks, k_layers)):
         for i, t in enumerate(layers):
             if 0 in t.shape:
-                raise ValueError(f"{name}[{i}] must be non-empty, got shape {tuple(t.shape)}")
+                where = name if isinstance(given, torch.Tensor) else f"{name}[{i}]"
+                raise ValueError(f"{where} must be non-empty, got shape {tuple(t.shape)}")
     if len(q_layers) != len(k_layers):
         raise ValueError(f"{side}_q has {len(q_layers)} layers but {side}_k has {len(k_layers)}; "
                          "they need one (q, k) pair per layer")
