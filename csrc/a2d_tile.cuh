@@ -348,7 +348,7 @@ A2D_HD void map_add4(MapStats& s, const float z[4], const float a[4], const bool
       sa += e[j];
       u = fmaf(e[j], d, u);
       // Far from the teacher this may overflow (inf * 0 = NaN where e underflows);
-      // map_kl then takes the max-based form.
+      // map_result then takes the max-based form.
       h = fmaf(e[j], expm1_minus_x(d), h);
     }
   }
@@ -460,18 +460,20 @@ A2D_HD void load_params(const Args& a, const Plan& p, float* sm, int tid, int nt
 // (1 = takes part). Masked entries are never read: they may hold anything (a model's
 // fully padded softmax row is NaN), and a NaN staged there would reach dweight through
 // 0 * NaN even though every masked term is excluded.
+// Whether query row t / key k0 + i of the tile (i < kc_len) takes part in the loss.
+A2D_HD bool row_takes_part(const Args& a, int b, int t) {
+  return t < a.T && (!a.query_valid || a.query_valid[int64_t(b) * a.T + t]);
+}
+
+A2D_HD bool key_takes_part(const Args& a, int b, int k0, int i, int kc_len) {
+  return i < kc_len && (!a.key_valid || a.key_valid[int64_t(b) * a.K + k0 + i]);
+}
+
 A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, int k0, int tid,
                       int nth) {
   const int kc_len = a.K - k0 < p.KC ? a.K - k0 : p.KC;
-  for (int i = tid; i < p.G; i += nth) {
-    const int t = t0 + i;
-    const bool ok = t < a.T && (!a.query_valid || a.query_valid[int64_t(b) * a.T + t]);
-    sm[p.off_row_ok + i] = ok ? 1.f : 0.f;
-  }
-  for (int i = tid; i < p.KCP; i += nth) {
-    const bool ok = i < kc_len && (!a.key_valid || a.key_valid[int64_t(b) * a.K + k0 + i]);
-    sm[p.off_key_ok + i] = ok ? 1.f : 0.f;
-  }
+  for (int i = tid; i < p.G; i += nth) sm[p.off_row_ok + i] = row_takes_part(a, b, t0 + i) ? 1.f : 0.f;
+  for (int i = tid; i < p.KCP; i += nth) sm[p.off_key_ok + i] = key_takes_part(a, b, k0, i, kc_len) ? 1.f : 0.f;
   // Lanes walk the keys of one (row, channel) line so global reads are coalesced; each
   // thread issues kLoadBatch independent loads before storing any, so enough bytes are
   // in flight to cover memory latency (a load-store-load chain would not be).
@@ -480,7 +482,7 @@ A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, in
   const int step = nth / lanes;
   const int n_lines = p.G * (a.Cs + a.Ct);
   for (int kk = tid % lanes; kk < p.KCP; kk += lanes) {
-    const bool key_in = kk < kc_len && (!a.key_valid || a.key_valid[int64_t(b) * a.K + k0 + kk]);
+    const bool key_in = key_takes_part(a, b, k0, kk, kc_len);
     for (int first = tid / lanes; first < n_lines; first += kLoadBatch * step) {
       float v[kLoadBatch];
       A2D_UNROLL
@@ -488,7 +490,7 @@ A2D_HD void load_tile(const Args& a, const Plan& p, float* sm, int b, int t0, in
         const int line = first + j * step;
         const int ch = line / p.G, t = t0 + (line - ch * p.G);
         v[j] = 0.f;
-        if (line < n_lines && key_in && t < a.T && (!a.query_valid || a.query_valid[int64_t(b) * a.T + t])) {
+        if (line < n_lines && key_in && row_takes_part(a, b, t)) {
           // table rows: students first, then teachers (same order as the channels)
           const int64_t off = int64_t(b) * a.table[3 * ch + 1] + int64_t(t) * a.table[3 * ch + 2] + k0 + kk;
           v[j] = load_elem(table_ptr(a, ch), off, ch < a.Cs ? a.dtype : a.t_dtype);
