@@ -605,8 +605,8 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token
     stop_reason = None
     module.train()
     while stop_reason is None:
-        if cfg.max_epochs and epoch > cfg.max_epochs:
-            stop_reason = "max_epochs"
+        stop_reason = _finished(cfg, epoch, step)
+        if stop_reason:
             break
         batches = batches_by_tokens(train_data, cfg.max_tokens, shuffle=True, seed=cfg.seed, epoch=epoch,
                                     rank=ctx.rank, world_size=ctx.world_size)
@@ -626,7 +626,7 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token
                 log_train(a2d_epoch)
             if cfg.save_every and step % cfg.save_every == 0:
                 save(last_path, epoch, batch_index)
-            stop_reason = _should_stop(cfg, ctx, step, start)
+            stop_reason = _should_stop(cfg, ctx, epoch, step, start)
             if stop_reason:
                 break
         if bar is not None:
@@ -778,11 +778,10 @@ def _progress(total: int, epoch: int, enabled: bool):
     return tqdm(total=total, desc=f"epoch {epoch}", unit="upd", leave=False, dynamic_ncols=True)
 
 
-def _should_stop(cfg: TrainConfig, ctx: DistContext, step: int, start: float) -> Optional[str]:
-    reason = None
-    if cfg.max_steps and step >= cfg.max_steps:
-        reason = "max_steps"
-    elif cfg.time_budget:
+def _should_stop(cfg: TrainConfig, ctx: DistContext, epoch: int, step: int, start: float) -> Optional[str]:
+    """After an update: a limit reached, or this invocation's time budget spent."""
+    reason = _finished(cfg, epoch, step)
+    if reason is None and cfg.time_budget:
         over = float(time.monotonic() - start >= cfg.time_budget)
         if ctx.world_size > 1:  # every rank must stop at the same update
             over = ctx.all_reduce_sum([over])[0]
