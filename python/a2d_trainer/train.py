@@ -294,22 +294,23 @@ def _autocast(ctx: DistContext, amp: str):
     return torch.autocast(device_type=ctx.device.type, enabled=False)
 
 
-def _prepare_tokenizer(cfg: TrainConfig, ctx: DistContext, train_pairs, teacher_ckpt_path):
-    """The run's tokenizer, copied to ``run_dir/spm.model`` so the run folder is whole."""
+def _prepare_tokenizer(cfg: TrainConfig, ctx: DistContext, train_pairs, teacher_tokenizer):
+    """The run's tokenizer, copied to ``run_dir/spm.model`` so the run folder is whole.
+
+    ``teacher_tokenizer``: the teacher's (``load_model``'s), or None without a teacher.
+    """
     from .data import Tokenizer
 
     run_dir = Path(cfg.run_dir)
     target = run_dir / TOKENIZER_FILE
-    source = teachers = None
-    if teacher_ckpt_path is not None:
-        teachers = Path(teacher_ckpt_path).parent / read_checkpoint(teacher_ckpt_path)["tokenizer"]
+    teachers = None if teacher_tokenizer is None else teacher_tokenizer.model_path
     source = Path(cfg.tokenizer) if cfg.tokenizer else teachers
     if ctx.is_main:
         if source is not None:
             if not source.is_file():
                 raise FileNotFoundError(f"tokenizer {source} does not exist")
             if teachers is not None and source != teachers and \
-                    Tokenizer.load(source).pieces() != Tokenizer.load(teachers).pieces():
+                    Tokenizer.load(source).pieces() != teacher_tokenizer.pieces():
                 # KD compares the two models' distributions id by id: one vocabulary.
                 raise ValueError(f"tokenizer {source} is not the teacher's ({teachers}): distillation compares "
                                  f"the two models' token distributions id by id, so the student needs the "
@@ -329,12 +330,13 @@ def _prepare_tokenizer(cfg: TrainConfig, ctx: DistContext, train_pairs, teacher_
     return Tokenizer.load(str(target))
 
 
-def _load_teacher(cfg: TrainConfig, device) -> Tuple[Seq2SeqTransformer, ModelConfig]:
-    """The frozen teacher, checked against ``cfg.teacher_preset`` when one is given."""
-    teacher, _, _ = load_model(cfg.teacher, preset=cfg.teacher_preset, device=device)
+def _load_teacher(cfg: TrainConfig, device) -> Tuple[Seq2SeqTransformer, object]:
+    """The frozen teacher, checked against ``cfg.teacher_preset`` when one is given, and
+    its tokenizer."""
+    teacher, tokenizer, _ = load_model(cfg.teacher, preset=cfg.teacher_preset, device=device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    return teacher, teacher.config
+    return teacher, tokenizer
 
 
 class _Logger:
@@ -454,9 +456,9 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token
     data_dir = Path(cfg.data_dir)
     train_pairs = read_parallel(data_dir / "train.src", data_dir / "train.tgt")
     valid_pairs = read_parallel(data_dir / "valid.src", data_dir / "valid.tgt")
-    teacher = teacher_config = None
+    teacher = teacher_tokenizer = None
     if cfg.kd != "none":
-        teacher, teacher_config = _load_teacher(cfg, ctx.device)
+        teacher, teacher_tokenizer = _load_teacher(cfg, ctx.device)
     run_dir = Path(cfg.run_dir)
     if not cfg.resume and (run_dir / LAST).exists():
         raise ValueError(f"run_dir {run_dir} already holds a run ({LAST}); resume it (--resume) "
@@ -466,10 +468,8 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token
     created = ctx.is_main and not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        tokenizer = _prepare_tokenizer(cfg, ctx, train_pairs, cfg.teacher if cfg.kd != "none" else None)
-        if teacher is not None and teacher.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"teacher {cfg.teacher} has a {teacher.vocab_size}-piece vocabulary but the tokenizer "
-                             f"{cfg.tokenizer} has {tokenizer.vocab_size}; distill with the teacher's tokenizer")
+        # With a teacher, the pieces are the teacher's (checked there), so its vocabulary fits.
+        tokenizer = _prepare_tokenizer(cfg, ctx, train_pairs, teacher_tokenizer)
         train_data = encode_pairs(train_pairs, tokenizer, cfg.max_len)
         valid_data = encode_pairs(valid_pairs, tokenizer, cfg.max_len)
         for split, data in (("train", train_data), ("valid", valid_data)):
@@ -491,7 +491,7 @@ def _train(cfg, ctx, read_parallel, batches_by_tokens, encode_pairs, check_token
         # The encoder's self-attention is always distilled; the decoder kinds are flags.
         kinds = ("encoder",) + (("decoder_self",) if cfg.decoder_self else ()) + (
             ("decoder_cross",) if cfg.decoder_cross else ())
-        distiller = A2DDistiller(model_config.heads_per_kind(), teacher_config.heads_per_kind(), kinds=kinds,
+        distiller = A2DDistiller(model_config.heads_per_kind(), teacher.config.heads_per_kind(), kinds=kinds,
                                  beta=cfg.beta, decay=cfg.decay, normalize=cfg.a2d_normalize,
                                  backend=cfg.a2d_backend)
     objective = DistillationObjective(cfg.kd, cfg.alpha, cfg.label_smoothing, distiller, cfg.a2d_mask,
