@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import re
 import subprocess
 import sys
@@ -305,11 +304,10 @@ def _strip_args(argv: List[str], with_value: set, flags: set) -> List[str]:
 
 
 def _write_json(results: dict, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from a2d_trainer.atomic import write_text
+
     path = out_dir / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(results, indent=1, default=str))
     return path
 
 

@@ -320,11 +320,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def write_outputs(result: dict, out: Path) -> str:
     """``qk_results.json`` and ``qk_table.md`` (whole files replaced, never half written)."""
+    from a2d_trainer.atomic import write_text
+
     table = markdown_table(result)
-    for name, text in (("qk_results.json", json.dumps(result, indent=1) + "\n"), ("qk_table.md", table + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_text(out / "qk_results.json", json.dumps(result, indent=1) + "\n")
+    write_text(out / "qk_table.md", table + "\n")
     return table
 
 
