@@ -152,6 +152,7 @@ def time_call(
     reps = int(max(min_reps, min(reps, target_s / max(per_call_s, 1e-9))))
 
     times: List[float] = []
+    wall_ms: Optional[float] = None
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -179,8 +180,7 @@ def time_call(
             del state
     timing = summarize(times)
     timing.first_call_s = first_call_s
-    if device.type == "cuda" and setup is None:
-        timing.wall_ms = wall_ms
+    timing.wall_ms = wall_ms
     return timing
 
 
